@@ -1,0 +1,1 @@
+"""anytrain.greedy."""

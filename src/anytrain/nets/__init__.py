@@ -1,0 +1,33 @@
+"""Staged (multi-exit) networks and their builders. ``build_model(name, **kwargs)``; ``MODELS`` lists them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anytrain.nets.staged import StagedNet, check_exits, detach_state, macs_of
+from anytrain.registry import Registry
+
+MODELS: Registry = Registry("model")
+
+
+def build_model(name: str, **kwargs: Any) -> StagedNet:
+    """Build a registered model. Builders take ``in_shape`` and ``num_classes`` plus their own options."""
+    _load_builders()
+    return MODELS.get(name)(**kwargs)
+
+
+def _load_builders() -> None:
+    # Import the builder modules for their registration side effect (kept lazy to avoid import cycles).
+    import importlib
+
+    for mod in _BUILDER_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+_BUILDER_MODULES = ["anytrain.nets.branched", "anytrain.nets.nested"]
+
+__all__ = ["MODELS", "StagedNet", "build_model", "check_exits", "detach_state", "macs_of"]

@@ -1,0 +1,39 @@
+"""FLOPs (multiply-adds) per stage and per exit head.
+
+Counted from what actually runs: each stage and head is executed once on one sample under
+``torch.utils.flop_counter.FlopCounterMode``, which sums the analytic cost of every matmul and convolution
+kernel dispatched (2 FLOPs per multiply-add, so we halve it). Elementwise ops, normalisation and pooling are not
+counted, which is the usual convention for MACs. Because the count follows dispatched kernels, functional
+code (nested networks slicing weights) is counted the same way as ``nn.Conv2d``/``nn.Linear`` modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from anytrain.nets.staged import StagedNet
+
+
+def staged_macs(net: StagedNet, input_shape: Sequence[int]) -> tuple[list[int], list[int]]:
+    from anytrain.nets.staged import macs_of
+
+    was_training = net.training
+    net.eval()
+    try:
+        p = next(net.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        state = torch.zeros(1, *input_shape, device=device, dtype=dtype)
+        stage_macs, head_macs = [], []
+        with torch.no_grad():
+            for k in range(net.num_exits):
+                stage_macs.append(macs_of(net.stages[k], state))
+                state = net.stages[k](state)
+                head_macs.append(macs_of(net.exits[k], state))
+        return stage_macs, head_macs
+    finally:
+        net.train(was_training)

@@ -1,0 +1,43 @@
+"""Optimizers. ``build_optimizer(name, net, params, **hparams)``; ``OPTIMIZERS`` lists them.
+
+A factory registered here has the signature ``factory(net, params, **hparams) -> torch.optim.Optimizer``:
+``params`` is the list of parameters this optimizer owns (all of the net's, or one module's under decoupled
+greedy learning); ``net`` is passed for optimizers that need the model (layer hooks, grouping by layer type).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from anytrain.registry import Registry
+
+OPTIMIZERS: Registry = Registry("optimizer")
+
+
+@OPTIMIZERS.register("sgd", "torch.optim.SGD (momentum, weight_decay, nesterov)")
+def _sgd(net: nn.Module, params: list[nn.Parameter], lr: float = 0.1, **kw: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, **kw)
+
+
+@OPTIMIZERS.register("adam", "torch.optim.Adam")
+def _adam(net: nn.Module, params: list[nn.Parameter], lr: float = 1e-3, **kw: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, **kw)
+
+
+@OPTIMIZERS.register("adamw", "torch.optim.AdamW")
+def _adamw(net: nn.Module, params: list[nn.Parameter], lr: float = 1e-3, **kw: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, **kw)
+
+
+def build_optimizer(name: str, net: nn.Module, params: list[nn.Parameter] | None = None,
+                    **hparams: Any) -> torch.optim.Optimizer:
+    if params is None:
+        params = [p for p in net.parameters() if p.requires_grad]
+    factory = OPTIMIZERS.get(name)
+    try:
+        return factory(net, params, **hparams)
+    except TypeError as e:  # unknown keyword
+        raise ValueError(f"optimizer {name!r}: {e}") from None

@@ -1,0 +1,25 @@
+"""Gradient rules over exits. ``build_rule(name, **kwargs)``; ``RULES`` lists them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anytrain.registry import Registry
+from anytrain.rules.base import GradientRule, scalar_losses
+from anytrain.rules.simple import AdaLoss, Joint, Weighted
+
+RULES: Registry = Registry("rule")
+RULES.register("joint", "sum of exit losses (last_only: true gives plain backprop)")(Joint)
+RULES.register("weighted", "fixed per-exit loss weights")(Weighted)
+RULES.register("adaloss", "weights inversely proportional to running-average exit losses")(AdaLoss)
+
+
+def build_rule(name: str, **kwargs: Any) -> GradientRule:
+    """Build a rule by name. Names of the form ``torchjd:<Aggregator>`` use a TorchJD aggregator."""
+    if ":" in name:
+        prefix, _, rest = name.partition(":")
+        return RULES.get(prefix + ":")(rest, **kwargs)
+    return RULES.get(name)(**kwargs)
+
+
+__all__ = ["RULES", "AdaLoss", "GradientRule", "Joint", "Weighted", "build_rule", "scalar_losses"]

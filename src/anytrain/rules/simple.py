@@ -1,0 +1,105 @@
+"""Rules that combine exit losses into one scalar: one backward pass per step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anytrain.rules.base import GradientRule, scalar_losses
+
+
+class Joint(GradientRule):
+    """Sum of the exit losses: ``∇ Σ_k L_k``. With ``last_only=True``, only the final exit's loss (backprop)."""
+
+    name = "joint"
+
+    def __init__(self, last_only: bool = False) -> None:
+        self.last_only = bool(last_only)
+
+    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
+        vec = scalar_losses(losses)
+        total = vec[-1] if self.last_only else vec.sum()
+        total.backward()
+        return {"loss": total.detach()}
+
+    def extra_repr(self) -> str:
+        return f"last_only={self.last_only}"
+
+
+class Weighted(GradientRule):
+    """Fixed weights: ``∇ Σ_k w_k L_k``."""
+
+    name = "weighted"
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        w = [float(v) for v in weights]
+        if not w or any(v < 0 for v in w) or sum(w) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {w}")
+        self.weights = w
+
+    def bind(self, net: nn.Module) -> None:
+        k = getattr(net, "num_exits", 1)
+        if len(self.weights) != k:
+            raise ValueError(f"rule 'weighted' has {len(self.weights)} weights but the network has {k} exits")
+
+    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
+        vec = scalar_losses(losses)
+        w = torch.tensor(self.weights, dtype=vec.dtype, device=vec.device)
+        total = (w * vec).sum()
+        total.backward()
+        return {"loss": total.detach()}
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}"
+
+
+class AdaLoss(GradientRule):
+    """Adaptive loss balancing (Hu, Dey, Hebert & Bagnell, AAAI 2019).
+
+    Each exit's weight is inversely proportional to a running average of its loss,
+    ``w_k ∝ 1 / (Ē_k + eps)``, with ``Ē_k ← β Ē_k + (1-β) L_k`` (bias-corrected as in Adam). This is the
+    gradient of ``Σ_k log Ē_k`` and keeps every exit's relative error improving at the same rate. Weights are
+    normalised to mean 1 so the step size stays comparable to ``joint``. The averages stay on the device: no
+    host synchronisation per step.
+    """
+
+    name = "adaloss"
+
+    def __init__(self, beta: float = 0.99, eps: float = 1e-8) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self.avg: Tensor | None = None
+        self.steps = 0
+
+    def weights(self) -> Tensor:
+        assert self.avg is not None
+        corr = 1.0 - self.beta**self.steps
+        inv = 1.0 / (self.avg / corr + self.eps)
+        return inv * (inv.numel() / inv.sum())
+
+    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
+        vec = scalar_losses(losses)
+        d = vec.detach()
+        if self.avg is None:
+            self.avg = torch.zeros_like(d)
+        self.avg.mul_(self.beta).add_(d, alpha=1.0 - self.beta)
+        self.steps += 1
+        w = self.weights()
+        total = (w * vec).sum()
+        total.backward()
+        return {"loss": total.detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"avg": None if self.avg is None else self.avg.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.avg = state["avg"]
+        self.steps = int(state["steps"])
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
