@@ -1,1 +1,7 @@
-"""anytrain.train."""
+"""Training loop, checkpoints, schedules."""
+
+from anytrain.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from anytrain.train.trainer import Trainer, TrainingDiverged, build_components
+
+__all__ = ["CheckpointError", "Trainer", "TrainingDiverged", "build_components", "load_checkpoint",
+           "save_checkpoint"]

@@ -1,0 +1,151 @@
+"""The ``anytrain`` command: train, eval, plot, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from anytrain.registry import ConfigError
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"anytrain: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _table(metrics: dict[str, Any]) -> str:
+    lines = [f"{metrics.get('model', '?')} · rule {metrics['rule']} · optimizer {metrics['optimizer']} · "
+             f"{metrics['dataset']} · {metrics['epochs']} epochs",
+             f"{'exit':>4}  {'accuracy':>8}  {'MACs/sample':>12}"]
+    for e in metrics["exits"]:
+        lines.append(f"{e['index']:>4}  {e['accuracy']:>8.4f}  {e['flops']:>12,d}")
+    if "auc" in metrics:
+        lines.append(f"area under accuracy-vs-FLOPs: {metrics['auc']:.4f}")
+    if metrics.get("confidence_exit"):
+        lines.append("confidence early exit:  tau  accuracy  mean MACs")
+        for p in metrics["confidence_exit"]:
+            lines.append(f"  {p['threshold']:>24.2f}  {p['accuracy']:>8.4f}  {p['mean_flops']:>10,.0f}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from anytrain.config import load_config
+    from anytrain.train.trainer import Trainer, TrainingDiverged, build_components
+
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
+            return _fail(f"{run} is not a resumable run directory (needs config.yaml and checkpoint.pt)")
+        if (run / "metrics.json").is_file():
+            return _fail(f"{run} already holds a finished run (metrics.json); nothing to resume")
+        cfg = load_config(run / "config.yaml", args.set)
+        out = run
+    else:
+        if args.out is None:
+            return _fail("train needs --out DIR (or --resume DIR)")
+        cfg = load_config(args.config, args.set)
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            finished = (out / "metrics.json").is_file()
+            if not args.overwrite:
+                what = "a finished run" if finished else "files (an unfinished run? use --resume)"
+                return _fail(f"output directory {out} already holds {what}; pass --overwrite to replace it")
+    comps = build_components(cfg)  # all input errors surface here, before the run directory is touched
+    if not args.resume and args.overwrite and out.exists():
+        shutil.rmtree(out)
+    trainer = Trainer(cfg, out, resume=bool(args.resume), components=comps)
+    try:
+        metrics = trainer.fit()
+    except TrainingDiverged as e:
+        return _fail(str(e), EXIT_DIVERGED)
+    print(_table(metrics))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    p = Path(args.run) / "metrics.json"
+    if not p.is_file():
+        return _fail(f"{args.run} holds no metrics.json (is it a finished run directory?)")
+    try:
+        metrics = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        return _fail(f"{p} is not valid JSON: {e}")
+    print(_table(metrics))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from anytrain.eval.plots import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from anytrain.data import DATASETS
+    from anytrain.nets import MODELS, _load_builders
+    from anytrain.optim import OPTIMIZERS
+    from anytrain.rules import RULES
+    from anytrain.train.schedule import SCHEDULES
+
+    _load_builders()
+    sections = {"models": MODELS, "rules": RULES, "optimizers": OPTIMIZERS, "datasets": DATASETS,
+                "schedules": SCHEDULES}
+    for title, reg in sections.items():
+        if args.what and args.what != title:
+            continue
+        print(f"{title}:")
+        for name, help_ in reg.describe():
+            print(f"  {name:<22} {help_}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from anytrain import __version__
+
+    p = argparse.ArgumentParser(prog="anytrain", description="Train anytime / greedy / sparse / curvature-corrected "
+                                "networks.")
+    p.add_argument("--version", action="version", version=f"anytrain {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a YAML config (default: MNIST-1D anytime CNN)")
+    t.add_argument("config", nargs="?", help="YAML config file (defaults are used for what it leaves out)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optimizer.lr=0.05 (repeatable)")
+    t.add_argument("--out", help="run directory to create")
+    t.add_argument("--resume", metavar="DIR", help="continue the unfinished run in DIR")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("eval", help="print the per-exit table of a finished run")
+    e.add_argument("run")
+    e.set_defaults(fn=cmd_eval)
+    pl = sub.add_parser("plot", help="write a run's figures (PNG) into its directory")
+    pl.add_argument("run")
+    pl.set_defaults(fn=cmd_plot)
+    ls = sub.add_parser("list", help="list models, rules, optimizers, data sets, schedules")
+    ls.add_argument("what", nargs="?", choices=["models", "rules", "optimizers", "datasets", "schedules"])
+    ls.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; the last completed epoch's checkpoint is kept", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

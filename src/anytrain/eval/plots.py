@@ -1,0 +1,87 @@
+"""Figures of a run directory: accuracy vs FLOPs per exit, training curves, and any per-epoch optimizer/rule
+series (for example DessiLBI's regularization path). Uses matplotlib's non-interactive Agg backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from anytrain.registry import ConfigError
+
+
+def _read(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run_dir)
+    written: list[Path] = []
+    mpath, hpath = run / "metrics.json", run / "history.json"
+    if not mpath.is_file() and not hpath.is_file():
+        raise ConfigError(f"{run} holds no metrics.json or history.json: not a run directory")
+
+    def save(fig: object, name: str) -> None:
+        p = run / name
+        tmp = run / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+        plt.close(fig)  # type: ignore[arg-type]
+        tmp.replace(p)
+        written.append(p)
+
+    if mpath.is_file():
+        m = _read(mpath)
+        assert isinstance(m, dict)
+        flops = [e["flops"] for e in m["exits"]]
+        acc = [e["accuracy"] for e in m["exits"]]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(flops, acc, "o-", label="exits")
+        for e in m["exits"]:
+            ax.annotate(str(e["index"]), (e["flops"], e["accuracy"]), textcoords="offset points", xytext=(4, -10))
+        if m.get("confidence_exit"):
+            ax.plot([p["mean_flops"] for p in m["confidence_exit"]], [p["accuracy"] for p in m["confidence_exit"]],
+                    "s--", alpha=0.7, label="confidence early exit")
+        ax.set_xlabel("multiply-adds per sample")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{m['model']} · {m['rule']} · {m['optimizer']} (AUC {m.get('auc', 0):.3f})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "accuracy_vs_flops.png")
+
+    if hpath.is_file():
+        h = _read(hpath)
+        assert isinstance(h, list)
+        if h:
+            ep = [r["epoch"] for r in h]
+            K = len(h[0]["test_acc"])
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+            for k in range(K):
+                a1.plot(ep, [r["train_loss"][k] for r in h], label=f"exit {k}")
+                a2.plot(ep, [r["test_acc"][k] for r in h], label=f"exit {k}")
+            a1.set_xlabel("epoch")
+            a1.set_ylabel("train loss")
+            a1.set_yscale("log")
+            a2.set_xlabel("epoch")
+            a2.set_ylabel("test accuracy")
+            for a in (a1, a2):
+                a.grid(alpha=0.3)
+                a.legend(fontsize=7)
+            save(fig, "training_curves.png")
+            extra = sorted({k for r in h for k in r if "/" in k})
+            if extra:
+                fig, ax = plt.subplots(figsize=(6, 3.5))
+                for key in extra:
+                    ax.plot([r["epoch"] for r in h if key in r], [r[key] for r in h if key in r], label=key)
+                ax.set_xlabel("epoch")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=6, ncol=2)
+                ax.set_title("optimizer / rule series per epoch", fontsize=9)
+                save(fig, "epoch_series.png")
+    return written

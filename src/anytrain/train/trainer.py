@@ -1,0 +1,320 @@
+"""The training loop: config → data, net, rule, optimizer → run directory.
+
+Run directory layout::
+
+    config.yaml      fully resolved config
+    checkpoint.pt    last completed epoch (model, optimizer, scheduler, rule, RNG, history), atomic
+    best.pt          weights only, at the best mean exit accuracy on the test split (early stopping)
+    metrics.json     written when the run finishes (contract: rule, optimizer, dataset, epochs, exits)
+    history.json     per-epoch metrics, rewritten each epoch
+    events.*         TensorBoard scalars
+    *.png            plots
+
+Exactness of ``--resume``: the batch order and augmentation of epoch ``e`` are a pure function of
+``(seed, e)``, and the checkpoint holds every other piece of state (weights, optimizer and scheduler state,
+rule state, torch RNG), so a run resumed from the end of any epoch reaches the same weights as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anytrain.config import dump_config
+from anytrain.data import BatchLoader, DataBundle, load_dataset
+from anytrain.eval.anytime import accuracy_per_exit, anytime_auc, confidence_exit, exit_logits
+from anytrain.nets import StagedNet, build_model
+from anytrain.optim import build_optimizer
+from anytrain.registry import ConfigError
+from anytrain.rules import GradientRule, build_rule
+from anytrain.train.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from anytrain.train.schedule import build_scheduler
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops and keeps its last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available")
+    return dev
+
+
+def _kwargs(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+def build_components(cfg: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+    """Everything a run needs, built from a validated config. Raises ``ConfigError`` on bad input, before
+    anything is written anywhere."""
+    device = device or resolve_device(cfg["train"]["device"])
+    d = cfg["data"]
+    data = load_dataset(d["name"], data_dir=d.get("data_dir"), seed=cfg["seed"], num_samples=d.get("num_samples"),
+                        augment=bool(d.get("augment", True)))
+    torch.manual_seed(cfg["seed"])
+    try:
+        net = build_model(cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes,
+                          **_kwargs(cfg["model"]))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model {cfg['model']['name']!r}: {e}") from None
+    net.to(device)
+    try:
+        rule = build_rule(cfg["rule"]["name"], **_kwargs(cfg["rule"]))
+        rule.bind(net)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"rule {cfg['rule']['name']!r}: {e}") from None
+    o = cfg["optimizer"]
+
+    def factory(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return build_optimizer(o["name"], model, params, **_kwargs(o))
+
+    try:
+        optimizer = rule.make_optimizer(net, factory)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"optimizer {o['name']!r}: {e}") from None
+    return {"device": device, "data": data, "net": net, "rule": rule, "optimizer": optimizer}
+
+
+class Trainer:
+    """Trains one config into one run directory. See the module docstring for the files it writes."""
+
+    def __init__(self, cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
+                 components: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        t = cfg["train"]
+        if t.get("threads"):
+            torch.set_num_threads(int(t["threads"]))
+        c = components or build_components(cfg)
+        self.device: torch.device = c["device"]
+        self.data: DataBundle = c["data"]
+        self.net: StagedNet = c["net"]
+        self.rule: GradientRule = c["rule"]
+        self.optimizer: torch.optim.Optimizer = c["optimizer"]
+        self.epochs = int(t["epochs"])
+        self.loader = BatchLoader(
+            self.data.x_train, self.data.y_train, cfg["data"]["batch_size"], shuffle=True, seed=cfg["seed"],
+            augment=self.data.augment if cfg["data"].get("augment", True) else None, drop_last=True,
+            device=self.device,
+        )
+        if len(self.loader) == 0:
+            raise ConfigError(
+                f"data.batch_size={cfg['data']['batch_size']} exceeds the {len(self.data.y_train)} training samples"
+            )
+        self.steps_per_epoch = len(self.loader)
+        self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], self.epochs * self.steps_per_epoch,
+                                         self.steps_per_epoch)
+        self.label_smoothing = float(t.get("label_smoothing", 0.0))
+        self.start_epoch = 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_score = -1.0
+        self.flops_stage, self.flops_head = self.net.flops_breakdown(self.data.input_shape)
+        self.flops = self.net.flops_per_exit(self.data.input_shape)
+        if resume:
+            self._restore()
+        self.writer: Any = None
+
+    # ---- state ------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def _payload(self, epoch: int) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "epoch": epoch,
+            "step": self.step,
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rule": self.rule.state_dict(),
+            "rng": rng,
+            "history": self.history,
+            "best_score": self.best_score,
+            "config": dump_config(self.cfg),
+        }
+
+    def _restore(self) -> None:
+        ck = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        try:
+            self.net.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.rule.load_state_dict(ck["rule"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"checkpoint {self.checkpoint_path} does not match this config: {first}") from None
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        if "cuda" in ck["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu(), self.device)
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.step = int(ck["step"])
+        self.history = list(ck["history"])
+        self.best_score = float(ck["best_score"])
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimisation step. Returns the per-exit losses (detached, on device) and the rule's stats.
+        Nothing here synchronises with the host."""
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.rule.forward(self.net, x)
+        losses = [F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits]
+        stats = self.rule.backward(self.net, losses)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return torch.stack([l.detach() for l in losses]), stats
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        bs = int(self.cfg["data"].get("eval_batch_size", 1000))
+        logits = exit_logits(self.net, self.data.x_test, bs)
+        acc = accuracy_per_exit(logits, self.data.y_test)
+        return {"acc": acc, "logits": logits}
+
+    # ---- loop -------------------------------------------------------------------------------------------
+    def _log(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        t = self.cfg["train"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
+        if t.get("tensorboard", True):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step if self.step else None)
+        log_every = int(t.get("log_every", 20))
+        K = self.net.num_exits
+        started = time.perf_counter()
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
+                self.rule.on_epoch_start(epoch, self.epochs)
+                self.net.train()
+                self.loader.set_epoch(epoch)
+                loss_sum = torch.zeros(K, device=self.device)
+                bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+                bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
+                           disable=None if t.get("progress", True) else True, dynamic_ncols=True)
+                for i, (x, y) in enumerate(bar):
+                    losses, stats = self.train_step(x, y)
+                    loss_sum += losses
+                    # Remember the first non-finite step without a host sync; it is checked at log points.
+                    finite = torch.isfinite(losses).all()
+                    bad_step = torch.where((bad_step < 0) & ~finite, self.step - 1, bad_step)
+                    if (i + 1) % log_every == 0 or i + 1 == self.steps_per_epoch:
+                        self._check_finite(bad_step, losses, epoch)
+                        lv = losses.tolist()
+                        bar.set_postfix(loss=f"{lv[-1]:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
+                        for k, v in enumerate(lv):
+                            self._log(f"train/loss_exit{k}", v, self.step)
+                        self._log("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+                        for name, v in stats.items():
+                            if isinstance(v, Tensor) and v.numel() == 1:
+                                self._log(f"rule/{name}", float(v), self.step)
+                bar.close()
+                self._end_epoch(epoch, (loss_sum / self.steps_per_epoch).tolist())
+        finally:
+            if self.writer is not None:
+                self.writer.flush()
+                self.writer.close()
+                self.writer = None
+        return self.finish(time.perf_counter() - started)
+
+    def _check_finite(self, bad_step: Tensor, losses: Tensor, epoch: int) -> None:
+        s = int(bad_step)
+        if s >= 0:
+            bad = [k for k, v in enumerate(losses.tolist()) if not math.isfinite(v)]
+            where = f"exit {bad[0]}" if bad else "an exit"
+            keep = (f"the last good checkpoint ({self.checkpoint_path}) is kept"
+                    if self.checkpoint_path.exists() else "no checkpoint was written yet")
+            raise TrainingDiverged(f"non-finite loss at step {s} (epoch {epoch + 1}) on {where}; {keep}")
+
+    def _extra_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for prefix, obj in (("opt", self.optimizer), ("rule", self.rule)):
+            fn = getattr(obj, "epoch_metrics", None)
+            if callable(fn):
+                for k, v in fn().items():
+                    out[f"{prefix}/{k}"] = float(v)
+        return out
+
+    def _end_epoch(self, epoch: int, train_loss: list[float]) -> None:
+        ev = self.evaluate()
+        acc = ev["acc"]
+        rec: dict[str, Any] = {"epoch": epoch + 1, "step": self.step, "train_loss": train_loss, "test_acc": acc,
+                               "lr": self.optimizer.param_groups[0]["lr"], **self._extra_metrics()}
+        self.history.append(rec)
+        for k, a in enumerate(acc):
+            self._log(f"test/acc_exit{k}", a, self.step)
+        for key, v in rec.items():
+            if "/" in key:
+                self._log(key, v, self.step)
+        score = sum(acc) / len(acc)
+        if score > self.best_score:
+            self.best_score = score
+            save_checkpoint(self.out / "best.pt", {"epoch": epoch, "model": self.net.state_dict(),
+                                                   "score": score})
+        every = int(self.cfg["train"].get("checkpoint_every", 1))
+        if (epoch + 1) % every == 0 or epoch + 1 == self.epochs:
+            save_checkpoint(self.checkpoint_path, self._payload(epoch))
+        atomic_write_json(self.out / "history.json", self.history)
+        accs = " ".join(f"{a:.3f}" for a in acc)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  test acc per exit: {accs}")
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        ev = self.evaluate()
+        acc = ev["acc"]
+        conf = confidence_exit(ev["logits"], self.data.y_test, self.flops_stage, self.flops_head)
+        o = self.cfg["optimizer"]
+        metrics: dict[str, Any] = {
+            "rule": self.cfg["rule"]["name"],
+            "optimizer": o["name"],
+            "dataset": self.cfg["data"]["name"],
+            "model": self.cfg["model"]["name"],
+            "epochs": self.epochs,
+            "seed": self.cfg["seed"],
+            "steps": self.step,
+            "exits": [{"index": k, "accuracy": a, "flops": int(f)} for k, (a, f) in enumerate(zip(acc, self.flops))],
+            "auc": anytime_auc(self.flops, acc),
+            "mean_exit_accuracy": sum(acc) / len(acc),
+            "stage_flops": self.flops_stage,
+            "head_flops": self.flops_head,
+            "confidence_exit": [vars(p) for p in conf],
+            "train_seconds_this_session": seconds,
+            **self._extra_metrics(),
+        }
+        atomic_write_json(self.out / "metrics.json", metrics)
+        if self.cfg["train"].get("plots", True):
+            from anytrain.eval.plots import plot_run
+
+            plot_run(self.out)
+        return metrics

@@ -1,0 +1,62 @@
+"""The command line: a short end-to-end run, eval/plot/list, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from anytrain.cli import main
+
+SMALL = ["--set", "data.name=synthetic", "--set", "model.width=8", "--set", "train.epochs=1",
+         "--set", "train.progress=false", "--set", "data.batch_size=32"]
+
+
+def test_train_eval_plot_list(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "exit" in text and "accuracy" in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == "synthetic" and len(m["exits"]) == 4
+    assert main(["eval", str(out)]) == 0
+    assert "area under" in capsys.readouterr().out
+    assert main(["plot", str(out)]) == 0
+    assert "accuracy_vs_flops.png" in capsys.readouterr().out
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    for word in ("cnn1d-exits", "joint", "sgd", "mnist1d", "cosine"):
+        assert word in listing
+    # a finished run is never overwritten by accident
+    before = (out / "metrics.json").read_bytes()
+    assert main(["train", *SMALL, "--out", str(out)]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == before
+    assert main(["train", "--resume", str(out)]) == 2
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--set", "model.name=nope"], "unknown model 'nope'; known:"),
+        (["--set", "rule.name=nope"], "unknown rule 'nope'; known:"),
+        (["--set", "optimizer.name=nope"], "unknown optimizer 'nope'; known:"),
+        (["--set", "data.name=nope"], "unknown dataset 'nope'; known:"),
+        (["--set", "optimizer.lr=-1"], "optimizer.lr must be > 0"),
+        (["--set", "train.epochs=0"], "train.epochs must be > 0"),
+        (["--set", "train.epochz=3"], "unknown config key 'train.epochz'"),
+        (["--set", "data.batch_size=abc"], "data.batch_size must be a number"),
+        (["--set", "data.name=cifar10"], "cifar"),
+        (["--set", "rule.name=weighted", "--set", "rule.weights=[1,2]"], "2 weights but the network has 4"),
+        (["--set", "model.bogus=1"], "model 'cnn1d-exits'"),
+        (["no-such-config.yaml"], "config file not found"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, args, msg):
+    out = tmp_path / "run"
+    code = main(["train", *args, "--set", "train.progress=false", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("anytrain: error:")
+    assert msg in err
+    assert not out.exists()
