@@ -63,13 +63,20 @@ def linear_head(channels: int, num_classes: int, dims: int, dropout: float = 0.0
 
 
 @HEADS.register("mlp-sr", "adaptive avg pool to 2x2 → 1x1 conv+ReLU layers → linear (DGL's MLP-SR)")
-def mlp_sr_head(channels: int, num_classes: int, dims: int, hidden: int | None = None, layers: int = 3,
-                pool: int = 2, batchnorm: bool = False) -> nn.Module:
+def mlp_sr_head(
+    channels: int,
+    num_classes: int,
+    dims: int,
+    hidden: int | None = None,
+    layers: int = 3,
+    pool: int = 2,
+    batchnorm: bool = False,
+) -> nn.Module:
     """Adaptive average pool to ``pool`` per spatial dimension, ``layers`` 1×1 conv (+BN) + ReLU of width
     ``hidden`` (default ``channels``), flatten, linear."""
     hidden = int(hidden) if hidden is not None else int(channels)
     if hidden < 1 or layers < 0 or pool < 1:
-        raise ValueError(f"mlp-sr head needs hidden, pool >= 1 and layers >= 0; got {hidden}, {pool}, {layers}")
+        raise ValueError(f"mlp-sr head: need hidden, pool >= 1, layers >= 0; got {hidden}, {pool}, {layers}")
     mods: list[nn.Module] = [_pool(dims, pool)]
     c = int(channels)
     for _ in range(int(layers)):
