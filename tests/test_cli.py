@@ -41,7 +41,7 @@ def test_train_eval_plot_list(tmp_path, capsys):
         (["--set", "model.name=nope"], "unknown model 'nope'; known:"),
         (["--set", "rule.name=nope"], "unknown rule 'nope'; known:"),
         (["--set", "optimizer.name=nope"], "unknown optimizer 'nope'; known:"),
-        (["--set", "data.name=nope"], "unknown dataset 'nope'; known:"),
+        (["--set", "data.name=nope"], "unknown data set 'nope'; known:"),
         (["--set", "optimizer.lr=-1"], "optimizer.lr must be > 0"),
         (["--set", "train.epochs=0"], "train.epochs must be > 0"),
         (["--set", "train.epochz=3"], "unknown config key 'train.epochz'"),
