@@ -21,6 +21,11 @@ def test_train_eval_plot_list(tmp_path, capsys):
     assert m["dataset"] == "synthetic" and len(m["exits"]) == 4
     assert main(["eval", str(out)]) == 0
     assert "area under" in capsys.readouterr().out
+    f = [e["flops"] for e in m["exits"]]
+    assert main(["eval", str(out), "--budget", str(f[1] + 1)]) == 0
+    assert f"exit 1 ({f[1]:,d} MACs)" in capsys.readouterr().out
+    assert main(["eval", str(out), "--budget", "1"]) == 2
+    assert "below the first exit" in capsys.readouterr().err
     assert main(["plot", str(out)]) == 0
     assert "accuracy_vs_flops.png" in capsys.readouterr().out
     assert main(["list"]) == 0

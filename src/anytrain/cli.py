@@ -79,6 +79,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         return _fail(f"{p} is not valid JSON: {e}")
     print(_table(metrics))
+    if args.budget is not None:
+        from anytrain.eval.anytime import deadline_exit
+
+        flops = [e["flops"] for e in metrics["exits"]]
+        try:
+            k = deadline_exit(flops, args.budget)
+        except ValueError as e:
+            return _fail(str(e))
+        e = metrics["exits"][k]
+        print(f"deadline {args.budget:,.0f} MACs/sample: exit {k} ({e['flops']:,d} MACs), accuracy {e['accuracy']:.4f}")
     return 0
 
 
@@ -126,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="print the per-exit table of a finished run")
     e.add_argument("run")
+    e.add_argument("--budget", type=float, help="deadline inference: the deepest exit within this many MACs/sample")
     e.set_defaults(fn=cmd_eval)
     pl = sub.add_parser("plot", help="write a run's figures (PNG) into its directory")
     pl.add_argument("run")

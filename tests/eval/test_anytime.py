@@ -34,3 +34,25 @@ def test_confidence_exit_by_hand():
     assert pt.exit_histogram == [2, 1]
     assert pt.accuracy == pytest.approx(2 / 3)
     assert pt.mean_flops == pytest.approx((11 + 11 + 33) / 3)
+
+
+def test_deadline_predict_runs_only_needed_stages():
+    from torch import nn
+
+    from anytrain.eval import deadline_predict
+    from anytrain.nets import StagedNet
+
+    calls = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            calls.append(self.out_features)
+            return super().forward(x)
+
+    net = StagedNet([Probe(4, 5), Probe(5, 6), Probe(6, 7)], [nn.Linear(5, 3), nn.Linear(6, 3), nn.Linear(7, 3)])
+    flops = net.flops_per_exit((4,))
+    x = torch.randn(8, 4)
+    calls.clear()
+    pred = deadline_predict(net, x, budget=flops[1])
+    assert calls == [5, 6]  # stage 2 never ran
+    assert torch.equal(pred, net(x)[1].argmax(-1))
