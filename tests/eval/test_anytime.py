@@ -53,6 +53,6 @@ def test_deadline_predict_runs_only_needed_stages():
     flops = net.flops_per_exit((4,))
     x = torch.randn(8, 4)
     calls.clear()
-    pred = deadline_predict(net, x, budget=flops[1])
+    pred = deadline_predict(net, x, budget=flops[1], flops=flops)
     assert calls == [5, 6]  # stage 2 never ran
     assert torch.equal(pred, net(x)[1].argmax(-1))

@@ -63,10 +63,14 @@ def deadline_exit(flops: Sequence[int], budget: float) -> int:
 
 
 @torch.no_grad()
-def deadline_predict(net: StagedNet, x: Tensor, budget: float, input_shape: Sequence[int] | None = None) -> Tensor:
-    """Predictions of the deepest exit that fits a per-sample FLOPs budget; runs only the stages it needs."""
-    shape = tuple(input_shape) if input_shape is not None else tuple(x.shape[1:])
-    k = deadline_exit(net.flops_per_exit(shape), budget)
+def deadline_predict(net: StagedNet, x: Tensor, budget: float, flops: Sequence[int] | None = None) -> Tensor:
+    """Predictions of the deepest exit that fits a per-sample FLOPs budget; runs only the stages it needs.
+
+    ``flops`` is ``net.flops_per_exit(input_shape)``; pass it when calling repeatedly (counting runs the net).
+    """
+    if flops is None:
+        flops = net.flops_per_exit(tuple(x.shape[1:]))
+    k = deadline_exit(flops, budget)
     was = net.training
     net.eval()
     try:
