@@ -8,8 +8,18 @@ import pytest
 
 from anytrain.cli import main
 
-SMALL = ["--set", "data.name=synthetic", "--set", "model.width=8", "--set", "train.epochs=1",
-         "--set", "train.progress=false", "--set", "data.batch_size=32"]
+SMALL = [
+    "--set",
+    "data.name=synthetic",
+    "--set",
+    "model.width=8",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "data.batch_size=32",
+]
 
 
 def test_train_eval_plot_list(tmp_path, capsys):

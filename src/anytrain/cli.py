@@ -21,9 +21,11 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
 
 
 def _table(metrics: dict[str, Any]) -> str:
-    lines = [f"{metrics.get('model', '?')} · rule {metrics['rule']} · optimizer {metrics['optimizer']} · "
-             f"{metrics['dataset']} · {metrics['epochs']} epochs",
-             f"{'exit':>4}  {'accuracy':>8}  {'MACs/sample':>12}"]
+    lines = [
+        f"{metrics.get('model', '?')} · rule {metrics['rule']} · optimizer {metrics['optimizer']} · "
+        f"{metrics['dataset']} · {metrics['epochs']} epochs",
+        f"{'exit':>4}  {'accuracy':>8}  {'MACs/sample':>12}",
+    ]
     for e in metrics["exits"]:
         lines.append(f"{e['index']:>4}  {e['accuracy']:>8.4f}  {e['flops']:>12,d}")
     if "auc" in metrics:
@@ -87,8 +89,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             k = deadline_exit(flops, args.budget)
         except ValueError as e:
             return _fail(str(e))
-        e = metrics["exits"][k]
-        print(f"deadline {args.budget:,.0f} MACs/sample: exit {k} ({e['flops']:,d} MACs), accuracy {e['accuracy']:.4f}")
+        ex = metrics["exits"][k]
+        print(f"deadline {args.budget:,.0f} MACs/sample: exit {k} ({ex['flops']:,d} MACs), accuracy {ex['accuracy']:.4f}")
     return 0
 
 
@@ -108,8 +110,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from anytrain.train.schedule import SCHEDULES
 
     _load_builders()
-    sections = {"models": MODELS, "rules": RULES, "optimizers": OPTIMIZERS, "datasets": DATASETS,
-                "schedules": SCHEDULES}
+    sections = {
+        "models": MODELS,
+        "rules": RULES,
+        "optimizers": OPTIMIZERS,
+        "datasets": DATASETS,
+        "schedules": SCHEDULES,
+    }
     for title, reg in sections.items():
         if args.what and args.what != title:
             continue
@@ -122,14 +129,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from anytrain import __version__
 
-    p = argparse.ArgumentParser(prog="anytrain", description="Train anytime / greedy / sparse / curvature-corrected "
-                                "networks.")
+    p = argparse.ArgumentParser(
+        prog="anytrain", description="Train anytime / greedy / sparse / curvature-corrected networks."
+    )
     p.add_argument("--version", action="version", version=f"anytrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config (default: MNIST-1D anytime CNN)")
     t.add_argument("config", nargs="?", help="YAML config file (defaults are used for what it leaves out)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optimizer.lr=0.05 (repeatable)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optimizer.lr=0.05 (repeatable)",
+    )
     t.add_argument("--out", help="run directory to create")
     t.add_argument("--resume", metavar="DIR", help="continue the unfinished run in DIR")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

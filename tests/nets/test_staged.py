@@ -11,7 +11,10 @@ from anytrain.nets import StagedNet, build_model, macs_of
 
 def tiny_net() -> StagedNet:
     return StagedNet(
-        [nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU()), nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=1))],
+        [
+            nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=1)),
+        ],
         [nn.Sequential(nn.Flatten(), nn.Linear(4 * 10, 3)), nn.Sequential(nn.Flatten(), nn.Linear(6 * 5, 3))],
     )
 

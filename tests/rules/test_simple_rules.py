@@ -33,8 +33,14 @@ def reference_grads(net, x, y, weights):
     return torch.autograd.grad(total, params)
 
 
-@pytest.mark.parametrize("rule,kw,weights", [("joint", {}, (1.0, 1.0)), ("weighted", {"weights": [0.3, 2.0]}, (0.3, 2.0)),
-                                             ("joint", {"last_only": True}, (0.0, 1.0))])
+@pytest.mark.parametrize(
+    "rule,kw,weights",
+    [
+        ("joint", {}, (1.0, 1.0)),
+        ("weighted", {"weights": [0.3, 2.0]}, (0.3, 2.0)),
+        ("joint", {"last_only": True}, (0.0, 1.0)),
+    ],
+)
 def test_fixed_weight_rules_match_reference(rule, kw, weights):
     net = two_exit_net()
     x, y = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])

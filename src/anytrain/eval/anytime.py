@@ -88,7 +88,10 @@ class ConfidencePoint:
 
 
 def confidence_exit(
-    logits: Tensor, y: Tensor, stage_flops: Sequence[int], head_flops: Sequence[int],
+    logits: Tensor,
+    y: Tensor,
+    stage_flops: Sequence[int],
+    head_flops: Sequence[int],
     thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
 ) -> list[ConfidencePoint]:
     """Early exit at the first exit whose max softmax probability is ≥ τ (the last exit otherwise).
@@ -110,8 +113,6 @@ def confidence_exit(
         first = ok.float().argmax(0)  # index of first True per sample
         acc = correct.gather(0, first[None]).float().mean().item()
         out.append(
-            ConfidencePoint(
-                float(tau), acc, cost[first].mean().item(), torch.bincount(first, minlength=K).tolist()
-            )
+            ConfidencePoint(float(tau), acc, cost[first].mean().item(), torch.bincount(first, minlength=K).tolist())
         )
     return out

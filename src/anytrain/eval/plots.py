@@ -46,8 +46,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         for e in m["exits"]:
             ax.annotate(str(e["index"]), (e["flops"], e["accuracy"]), textcoords="offset points", xytext=(4, -10))
         if m.get("confidence_exit"):
-            ax.plot([p["mean_flops"] for p in m["confidence_exit"]], [p["accuracy"] for p in m["confidence_exit"]],
-                    "s--", alpha=0.7, label="confidence early exit")
+            ax.plot(
+                [p["mean_flops"] for p in m["confidence_exit"]],
+                [p["accuracy"] for p in m["confidence_exit"]],
+                "s--",
+                alpha=0.7,
+                label="confidence early exit",
+            )
         ax.set_xlabel("multiply-adds per sample")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{m['model']} · {m['rule']} · {m['optimizer']} (AUC {m.get('auc', 0):.3f})", fontsize=9)

@@ -42,8 +42,14 @@ def conv_bn_relu(cin: int, cout: int, dims: int, kernel: int = 3, stride: int = 
 
 
 def split_into_stages(
-    layers: Sequence[nn.Module], channels: Sequence[int], exits_after: Sequence[int], dims: int,
-    num_classes: int, head: str, head_kwargs: dict[str, Any] | None = None, pre_head: bool = False,
+    layers: Sequence[nn.Module],
+    channels: Sequence[int],
+    exits_after: Sequence[int],
+    dims: int,
+    num_classes: int,
+    head: str,
+    head_kwargs: dict[str, Any] | None = None,
+    pre_head: bool = False,
 ) -> StagedNet:
     """Group ``layers`` into stages ending after the layer indices in ``exits_after`` (the last must be the
     final layer) and attach one head per stage. ``channels[i]`` is the output width of ``layers[i]``."""
@@ -72,8 +78,12 @@ def _check_shape(in_shape: Sequence[int], dims: int, name: str) -> tuple[int, ..
 
 @MODELS.register("cnn1d-exits", "1-D CNN with side exits (MNIST-1D)")
 def cnn1d_exits(
-    in_shape: Sequence[int] = (1, 40), num_classes: int = 10, width: int = 32, exits: int = 4,
-    head: str = "linear", head_kwargs: dict[str, Any] | None = None,
+    in_shape: Sequence[int] = (1, 40),
+    num_classes: int = 10,
+    width: int = 32,
+    exits: int = 4,
+    head: str = "linear",
+    head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """1-D CNN: ``exits`` stages of two 3-wide conv-BN-ReLU layers; stage k>0 halves the length."""
     shape = _check_shape(in_shape, 1, "cnn1d-exits")
@@ -96,8 +106,12 @@ def cnn1d_exits(
 
 @MODELS.register("cnn2d-exits", "small 2-D CNN with side exits (8x8 digits)")
 def cnn2d_exits(
-    in_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, width: int = 32, exits: int = 3,
-    head: str = "linear", head_kwargs: dict[str, Any] | None = None,
+    in_shape: Sequence[int] = (1, 8, 8),
+    num_classes: int = 10,
+    width: int = 32,
+    exits: int = 3,
+    head: str = "linear",
+    head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """2-D CNN: ``exits`` stages of one 3×3 conv-BN-ReLU; stage k>0 doubles width and halves resolution while
     the map is larger than 2×2."""
@@ -121,13 +135,39 @@ VGG_CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+    "vgg19": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+    ],
 }
 
 
 def vgg_exits(
-    depth: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
-    exits_after: Sequence[int] = (1, 2, 3, 4), width_mult: float = 1.0, head: str = "linear",
+    depth: str,
+    in_shape: Sequence[int] = (3, 32, 32),
+    num_classes: int = 10,
+    exits_after: Sequence[int] = (1, 2, 3, 4),
+    width_mult: float = 1.0,
+    head: str = "linear",
     head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """VGG-BN. The trunk is cut into blocks, each ending in a 2×2 max-pool; ``exits_after`` lists the block
@@ -192,8 +232,12 @@ PRERESNET_CFGS: dict[str, tuple[list[int], list[int]]] = {
 
 
 def preresnet_exits(
-    depth: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
-    exits_after: Sequence[int] | None = None, width_mult: float = 1.0, head: str = "linear",
+    depth: str,
+    in_shape: Sequence[int] = (3, 32, 32),
+    num_classes: int = 10,
+    exits_after: Sequence[int] | None = None,
+    width_mult: float = 1.0,
+    head: str = "linear",
     head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """Pre-activation ResNet for 32×32 inputs. Layer 0 is the stem conv, then one layer per residual block;

@@ -32,8 +32,9 @@ def _adamw(net: nn.Module, params: list[nn.Parameter], lr: float = 1e-3, **kw: A
     return torch.optim.AdamW(params, lr=lr, **kw)
 
 
-def build_optimizer(name: str, net: nn.Module, params: list[nn.Parameter] | None = None,
-                    **hparams: Any) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, net: nn.Module, params: list[nn.Parameter] | None = None, **hparams: Any
+) -> torch.optim.Optimizer:
     if params is None:
         params = [p for p in net.parameters() if p.requires_grad]
     factory = OPTIMIZERS.get(name)

@@ -3,5 +3,11 @@
 from anytrain.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from anytrain.train.trainer import Trainer, TrainingDiverged, build_components
 
-__all__ = ["CheckpointError", "Trainer", "TrainingDiverged", "build_components", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "Trainer",
+    "TrainingDiverged",
+    "build_components",
+    "load_checkpoint",
+    "save_checkpoint",
+]

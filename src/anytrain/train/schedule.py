@@ -13,7 +13,7 @@ from anytrain.registry import ConfigError, Registry
 SCHEDULES: Registry = Registry("schedule")
 
 
-def _warm(fn: Callable[[float], float], warmup_steps: int) -> Callable[[int], float]:
+def _warm(fn: Callable[[int], float], warmup_steps: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -28,8 +28,9 @@ def _none(total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0) ->
 
 
 @SCHEDULES.register("cosine", "cosine decay to final_factor·lr over the run")
-def _cosine(total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-            final_factor: float = 0.0) -> Callable[[int], float]:
+def _cosine(
+    total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0, final_factor: float = 0.0
+) -> Callable[[int], float]:
     w = int(warmup_epochs * steps_per_epoch)
     span = max(1, total_steps - w)
 
@@ -41,8 +42,13 @@ def _cosine(total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
 
 
 @SCHEDULES.register("step", "multiply lr by gamma at each epoch in milestones")
-def _step(total_steps: int, steps_per_epoch: int, milestones: Sequence[float] = (), gamma: float = 0.1,
-          warmup_epochs: float = 0.0) -> Callable[[int], float]:
+def _step(
+    total_steps: int,
+    steps_per_epoch: int,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+) -> Callable[[int], float]:
     ms = sorted(float(m) for m in milestones)
 
     def f(step: int) -> float:
@@ -52,8 +58,9 @@ def _step(total_steps: int, steps_per_epoch: int, milestones: Sequence[float] = 
     return _warm(f, int(warmup_epochs * steps_per_epoch))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     kw = {k: v for k, v in cfg.items() if k != "name"}
     try:
         fn = SCHEDULES.get(cfg["name"])(total_steps, steps_per_epoch, **kw)

@@ -63,12 +63,21 @@ def build_components(cfg: dict[str, Any], device: torch.device | None = None) ->
     anything is written anywhere."""
     device = device or resolve_device(cfg["train"]["device"])
     d = cfg["data"]
-    data = load_dataset(d["name"], data_dir=d.get("data_dir"), seed=cfg["seed"], num_samples=d.get("num_samples"),
-                        augment=bool(d.get("augment", True)))
+    data = load_dataset(
+        d["name"],
+        data_dir=d.get("data_dir"),
+        seed=cfg["seed"],
+        num_samples=d.get("num_samples"),
+        augment=bool(d.get("augment", True)),
+    )
     torch.manual_seed(cfg["seed"])
     try:
-        net = build_model(cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes,
-                          **_kwargs(cfg["model"]))
+        net = build_model(
+            cfg["model"]["name"],
+            in_shape=data.input_shape,
+            num_classes=data.num_classes,
+            **_kwargs(cfg["model"]),
+        )
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -98,8 +107,14 @@ def build_components(cfg: dict[str, Any], device: torch.device | None = None) ->
 class Trainer:
     """Trains one config into one run directory. See the module docstring for the files it writes."""
 
-    def __init__(self, cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
-                 components: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        components: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         t = cfg["train"]
@@ -113,8 +128,13 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer = c["optimizer"]
         self.epochs = int(t["epochs"])
         self.loader = BatchLoader(
-            self.data.x_train, self.data.y_train, cfg["data"]["batch_size"], shuffle=True, seed=cfg["seed"],
-            augment=self.data.augment if cfg["data"].get("augment", True) else None, drop_last=True,
+            self.data.x_train,
+            self.data.y_train,
+            cfg["data"]["batch_size"],
+            shuffle=True,
+            seed=cfg["seed"],
+            augment=self.data.augment if cfg["data"].get("augment", True) else None,
+            drop_last=True,
             device=self.device,
         )
         if len(self.loader) == 0:
@@ -122,8 +142,9 @@ class Trainer:
                 f"data.batch_size={cfg['data']['batch_size']} exceeds the {len(self.data.y_train)} training samples"
             )
         self.steps_per_epoch = len(self.loader)
-        self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], self.epochs * self.steps_per_epoch,
-                                         self.steps_per_epoch)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg["schedule"], self.epochs * self.steps_per_epoch, self.steps_per_epoch
+        )
         self.label_smoothing = float(t.get("label_smoothing", 0.0))
         self.start_epoch = 0
         self.step = 0
@@ -220,8 +241,13 @@ class Trainer:
                 self.loader.set_epoch(epoch)
                 loss_sum = torch.zeros(K, device=self.device)
                 bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-                bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
-                           disable=None if t.get("progress", True) else True, dynamic_ncols=True)
+                bar = tqdm(
+                    self.loader,
+                    desc=f"epoch {epoch + 1}/{self.epochs}",
+                    leave=False,
+                    disable=None if t.get("progress", True) else True,
+                    dynamic_ncols=True,
+                )
                 for i, (x, y) in enumerate(bar):
                     losses, stats = self.train_step(x, y)
                     loss_sum += losses
@@ -252,8 +278,11 @@ class Trainer:
         if s >= 0:
             bad = [k for k, v in enumerate(losses.tolist()) if not math.isfinite(v)]
             where = f"exit {bad[0]}" if bad else "an exit"
-            keep = (f"the last good checkpoint ({self.checkpoint_path}) is kept"
-                    if self.checkpoint_path.exists() else "no checkpoint was written yet")
+            keep = (
+                f"the last good checkpoint ({self.checkpoint_path}) is kept"
+                if self.checkpoint_path.exists()
+                else "no checkpoint was written yet"
+            )
             raise TrainingDiverged(f"non-finite loss at step {s} (epoch {epoch + 1}) on {where}; {keep}")
 
     def _extra_metrics(self) -> dict[str, float]:
@@ -268,8 +297,14 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_loss: list[float]) -> None:
         ev = self.evaluate()
         acc = ev["acc"]
-        rec: dict[str, Any] = {"epoch": epoch + 1, "step": self.step, "train_loss": train_loss, "test_acc": acc,
-                               "lr": self.optimizer.param_groups[0]["lr"], **self._extra_metrics()}
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "train_loss": train_loss,
+            "test_acc": acc,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **self._extra_metrics(),
+        }
         self.history.append(rec)
         for k, a in enumerate(acc):
             self._log(f"test/acc_exit{k}", a, self.step)
@@ -279,8 +314,7 @@ class Trainer:
         score = sum(acc) / len(acc)
         if score > self.best_score:
             self.best_score = score
-            save_checkpoint(self.out / "best.pt", {"epoch": epoch, "model": self.net.state_dict(),
-                                                   "score": score})
+            save_checkpoint(self.out / "best.pt", {"epoch": epoch, "model": self.net.state_dict(), "score": score})
         every = int(self.cfg["train"].get("checkpoint_every", 1))
         if (epoch + 1) % every == 0 or epoch + 1 == self.epochs:
             save_checkpoint(self.checkpoint_path, self._payload(epoch))
