@@ -90,7 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except ValueError as e:
             return _fail(str(e))
         ex = metrics["exits"][k]
-        print(f"deadline {args.budget:,.0f} MACs/sample: exit {k} ({ex['flops']:,d} MACs), accuracy {ex['accuracy']:.4f}")
+        budget = f"{args.budget:,.0f}"
+        print(f"deadline {budget} MACs/sample: exit {k} ({ex['flops']:,d} MACs), accuracy {ex['accuracy']:.4f}")
     return 0
 
 
