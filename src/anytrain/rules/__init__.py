@@ -6,12 +6,15 @@ from typing import Any
 
 from anytrain.registry import Registry
 from anytrain.rules.base import GradientRule, scalar_losses
+from anytrain.rules.greedy_rules import DGL, SGL
 from anytrain.rules.simple import AdaLoss, Joint, Weighted
 
 RULES: Registry = Registry("rule")
 RULES.register("joint", "sum of exit losses (last_only: true gives plain backprop)")(Joint)
 RULES.register("weighted", "fixed per-exit loss weights")(Weighted)
 RULES.register("adaloss", "weights inversely proportional to running-average exit losses")(AdaLoss)
+RULES.register("dgl", "decoupled greedy learning: each module learns only from its own exit")(DGL)
+RULES.register("sgl", "sequential greedy learning: one module at a time, earlier ones frozen")(SGL)
 
 
 def build_rule(name: str, **kwargs: Any) -> GradientRule:
@@ -22,4 +25,4 @@ def build_rule(name: str, **kwargs: Any) -> GradientRule:
     return RULES.get(name)(**kwargs)
 
 
-__all__ = ["RULES", "AdaLoss", "GradientRule", "Joint", "Weighted", "build_rule", "scalar_losses"]
+__all__ = ["DGL", "RULES", "SGL", "AdaLoss", "GradientRule", "Joint", "Weighted", "build_rule", "scalar_losses"]
