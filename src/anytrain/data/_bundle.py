@@ -20,9 +20,9 @@ class DataBundle:
     """In-memory train/test tensors of one data set, already normalised.
 
     ``x_*`` are float32 of shape ``(N, *input_shape)``; ``y_*`` int64 class indices in ``[0, num_classes)``.
-    ``augment`` is a batch-level training transform ``augment(x, generator) -> x`` (or ``None``); it is applied by
-    :class:`~anytrain.data.BatchLoader` on the device the batch lands on. ``mean``/``std`` are the per-channel
-    statistics that were subtracted/divided (so ``x * std + mean`` recovers the raw values).
+    ``augment`` is a batch-level training transform ``augment(x, generator) -> x`` (or ``None``); it is
+    applied by :class:`~anytrain.data.BatchLoader` on the device the batch lands on. ``mean``/``std`` are the
+    per-channel statistics that were subtracted/divided (so ``x * std + mean`` recovers the raw values).
     """
 
     name: str
@@ -55,7 +55,8 @@ class DataBundle:
 
     def __repr__(self) -> str:
         return (
-            f"DataBundle(name={self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
+            f"DataBundle(name={self.name!r}, train={tuple(self.x_train.shape)}, "
+            f"test={tuple(self.x_test.shape)}, "
             f"num_classes={self.num_classes}, augment={self.augment!r})"
         )
 

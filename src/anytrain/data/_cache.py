@@ -1,4 +1,4 @@
-"""A tiny on-disk cache of generated numpy arrays (``.npz``), written atomically, tolerant of corrupt files."""
+"""A small on-disk cache of generated numpy arrays (``.npz``): atomic writes, corrupt files ignored."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def load_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | No
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # Open the file ourselves: np.load leaks its own handle when the zip is corrupt.
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as f:
             return {k: np.array(f[k]) for k in keys}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log.info("ignoring unreadable cache file %s (%s); regenerating", path, e)
@@ -40,9 +41,9 @@ def load_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | No
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> bool:
-    """Write ``arrays`` to ``path`` atomically (temp file in the same directory, then ``os.replace``), so a reader
-    never sees a half-written file. Failure to write (read-only home, full disk) is not an error: the data
-    are simply regenerated next time. Returns whether the file was written."""
+    """Write ``arrays`` to ``path`` atomically (temp file in the same directory, then ``os.replace``), so a
+    reader never sees a half-written file. Failure to write (read-only home, full disk) is not an error: the
+    data are simply regenerated next time. Returns whether the file was written."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

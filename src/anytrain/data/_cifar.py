@@ -7,14 +7,15 @@ Expected layout (as extracted from ``cifar-10-python.tar.gz`` / ``cifar-100-pyth
 
 ``data_dir`` may point at that folder or at its parent.
 
-The files are Python pickles. They are meant to be the trusted local files from the official archive, and we
-still never run ``pickle.load`` with the default class lookup: :class:`_ArrayUnpickler` admits only the three
-globals a numpy array needs (``_reconstruct``, ``ndarray``, ``dtype``), so a tampered file cannot import or call
-anything else. What was loaded is then checked for shape, dtype and label range.
+The files are Python pickles. They are meant to be the trusted local files from the official archive, and
+we still never run ``pickle.load`` with the default class lookup: :class:`_ArrayUnpickler` admits only the
+three globals a numpy array needs (``_reconstruct``, ``ndarray``, ``dtype``), so a tampered file cannot
+import or call anything else. What was loaded is then checked for shape, dtype and label range.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import pickle
 from pathlib import Path
@@ -54,18 +55,30 @@ _SPECS: dict[str, dict[str, Any]] = {
 
 
 def _reconstruct_fn() -> Any:
-    # The array-rebuild function numpy itself uses in pickles (its module path changed between numpy 1 and 2).
+    # The array-rebuild functions numpy itself writes into pickles (protocol <= 4 and protocol 5); taken from
+    # numpy rather than imported by path because the module moved between numpy 1 and 2.
     return np.empty(0).__reduce__()[0]
 
 
+def _frombuffer_fn() -> Any:
+    return np.empty(1).__reduce_ex__(5)[0]
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals needed to rebuild numpy arrays; anything else is refused."""
+    """Unpickler that resolves only the globals needed to rebuild numpy arrays; anything else is refused.
+
+    ``_codecs.encode`` is how Python 3 writes ``bytes`` at protocol 2 (str -> bytes, no side effects); the
+    official files, written by Python 2, use plain string opcodes instead.
+    """
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct_fn,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct_fn,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer_fn,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer_fn,
         ("numpy", "ndarray"): lambda: np.ndarray,
         ("numpy", "dtype"): lambda: np.dtype,
+        ("_codecs", "encode"): lambda: codecs.encode,
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -90,7 +103,7 @@ def find_cifar_dir(name: str, data_dir: str | None) -> Path:
     files = [*spec["train"], *spec["test"], spec["meta"]]
     expected = f"{spec['folder']}/{{{','.join(files)}}}"
     if data_dir is None:
-        raise ConfigError(f"{name} needs data.data_dir pointing at a directory with {expected}; none was given")
+        raise ConfigError(f"{name} needs data.data_dir: a directory with {expected}; none was given")
     root = Path(data_dir).expanduser()
     candidates = [root / spec["folder"], root]
     for c in candidates:
@@ -117,7 +130,7 @@ def _read_split(d: Path, files: list[str], label_key: bytes) -> tuple[np.ndarray
             got = (getattr(x, "dtype", type(x).__name__), getattr(x, "shape", None))
             raise ConfigError(f"CIFAR file {d / f}: data must be uint8 of shape (N, 3072), got {got}")
         if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise ConfigError(f"CIFAR file {d / f}: {len(y)} labels for {len(x)} images (or non-integer labels)")
+            raise ConfigError(f"CIFAR file {d / f}: {len(y)} labels for {len(x)} images, or non-integer")
         xs.append(x)
         ys.append(y.astype(np.int64))
     # Rows are channel-major 3×32×32 (R plane, G plane, B plane), so a plain reshape gives (N, C, H, W).
@@ -138,7 +151,12 @@ def _normalize_uint8(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, .
 
 
 def load_cifar(
-    name: str, data_dir: str | None, seed: int, num_samples: int | None, augment: bool, label_mode: str = "fine"
+    name: str,
+    data_dir: str | None,
+    seed: int,
+    num_samples: int | None,
+    augment: bool,
+    label_mode: str = "fine",
 ) -> DataBundle:
     spec = _SPECS[name]
     if name == "cifar100":

@@ -9,8 +9,8 @@ from anytrain.registry import ConfigError
 
 
 def stratified_split(y: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded stratified split: from each class, ``round(test_fraction * n_class)`` random samples go to the test
-    set. Returns sorted (train_idx, test_idx)."""
+    """Seeded stratified split: from each class, ``round(test_fraction * n_class)`` random samples go to the
+    test set. Returns sorted (train_idx, test_idx)."""
     g = torch.Generator().manual_seed(derive_seed(seed, 0x5D1))
     train, test = [], []
     for c in torch.unique(y).tolist():

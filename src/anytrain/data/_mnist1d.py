@@ -1,4 +1,4 @@
-"""MNIST-1D (Greydanus, 2020) generated offline with the ``mnist1d`` package, cached under the anytrain cache."""
+"""MNIST-1D (Greydanus, 2020), generated offline with the ``mnist1d`` package and cached."""
 
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ def generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
     from mnist1d.data import make_dataset
     from mnist1d.utils import ObjectView
 
-    np_state, py_state = np.random.get_state(), random.getstate()
+    np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002  (the package uses them)
     try:
         d = make_dataset(ObjectView(dict(args)))
     finally:
-        np.random.set_state(np_state)
+        np.random.set_state(np_state)  # noqa: NPY002
         random.setstate(py_state)
     return {
         "x": np.asarray(d["x"], dtype=np.float32),

@@ -62,6 +62,6 @@ def synthetic(
         augment=None,
         mean=mean,
         std=std,
-        description=f"synthetic templates+noise, shape {shape}, {num_classes} classes, noise {noise}, seed {seed}",
+        description=f"synthetic: shape {shape}, {num_classes} classes, noise {noise}, seed {seed}",
         info={"templates": templates},
     )

@@ -1,7 +1,7 @@
 """Batch-level training augmentations written with plain torch ops (no per-sample Python loop).
 
-An augmentation is a callable ``augment(x, generator) -> x`` on a batch ``x`` of shape ``(B, C, H, W)``; all its
-randomness comes from ``generator``, so a batch's augmentation is reproducible from the generator's seed.
+An augmentation is a callable ``augment(x, generator) -> x`` on a batch ``x`` of shape ``(B, C, H, W)``; all
+its randomness comes from ``generator``, so a batch's augmentation is reproducible from the generator's seed.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def _draw(fn: str, generator: torch.Generator, device: torch.device, *args, **kw
 def crop_flip(x: Tensor, offsets_y: Tensor, offsets_x: Tensor, flip: Tensor, padding: int, fill: Tensor) -> Tensor:
     """Deterministic core of :class:`RandomCropFlip`.
 
-    Pads ``x`` (B, C, H, W) by ``padding`` on each side with the per-channel value ``fill``, takes for sample ``b``
-    the H×W window whose top-left corner is ``(offsets_y[b], offsets_x[b])`` in the padded image, and mirrors it
-    horizontally where ``flip[b]``. One advanced-indexing gather does crop and flip together.
+    Pads ``x`` (B, C, H, W) by ``padding`` on each side with the per-channel value ``fill``, takes for sample
+    ``b`` the H×W window whose top-left corner is ``(offsets_y[b], offsets_x[b])`` in the padded image, and
+    mirrors it horizontally where ``flip[b]``. One advanced-indexing gather does crop and flip together.
     """
     b, c, h, w = x.shape
     p = padding

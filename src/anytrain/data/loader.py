@@ -1,4 +1,4 @@
-"""``BatchLoader``: minibatches of in-memory tensors, deterministic per (seed, epoch), shardable across ranks."""
+"""``BatchLoader``: minibatches of in-memory tensors, a pure function of (seed, epoch), shardable."""
 
 from __future__ import annotations
 
@@ -27,19 +27,20 @@ def _device_generator(device: torch.device, seed: int) -> torch.Generator:
 class BatchLoader:
     """Iterates ``(x, y)`` minibatches of in-memory tensors.
 
-    * The order of an epoch is ``torch.randperm`` from a CPU generator seeded by ``(seed, epoch)``; the augmentation
-      generator (on the target device if its type supports one, else CPU) is seeded by ``(seed, epoch)`` too. So
-      everything an epoch yields is a pure function of ``(seed, epoch)``: iterating twice gives the same batches,
-      and a run resumed at an epoch boundary sees exactly the batches of an uninterrupted run.
+    * The order of an epoch is ``torch.randperm`` from a CPU generator seeded by ``(seed, epoch)``; the
+      augmentation generator (on the target device if its type supports one, else CPU) is seeded by
+      ``(seed, epoch)`` too. So everything an epoch yields is a pure function of ``(seed, epoch)``: iterating
+      twice gives the same batches, and a run resumed at an epoch boundary sees exactly the batches of an
+      uninterrupted run.
     * Sharding (``world_size > 1``): all ranks draw the same epoch permutation and rank ``r`` takes positions
-      ``r, r + world_size, ...`` of it, so shards are disjoint. To make every rank yield the same number of batches
-      the permutation is first *truncated* to a multiple of ``world_size`` when ``drop_last`` is true, otherwise
-      *padded by wrapping around* to the next multiple (a few samples then appear twice in that epoch, as with
-      ``torch.utils.data.DistributedSampler``).
+      ``r, r + world_size, ...`` of it, so shards are disjoint. To make every rank yield the same number of
+      batches the permutation is first *truncated* to a multiple of ``world_size`` when ``drop_last`` is true,
+      otherwise *padded by wrapping around* to the next multiple (a few samples then appear twice in that
+      epoch, as with ``torch.utils.data.DistributedSampler``).
     * ``drop_last`` also drops a final incomplete batch of each rank.
-    * With ``device`` set, the data are moved there once (``preload=True``, the default) and batches are gathered
-      on the device; with ``preload=False`` each batch is gathered on the CPU and copied (pinned, non-blocking
-      for CUDA). ``augment`` is applied to ``x`` after it is on the device.
+    * With ``device`` set, the data are moved there once (``preload=True``, the default) and batches are
+      gathered on the device; with ``preload=False`` each batch is gathered on the CPU and copied (pinned,
+      non-blocking for CUDA). ``augment`` is applied to ``x`` after it is on the device.
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class BatchLoader:
 
     def __repr__(self) -> str:
         return (
-            f"BatchLoader(n={self.n}, batch_size={self.batch_size}, shuffle={self.shuffle}, seed={self.seed}, "
+            f"BatchLoader(n={self.n}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
+            f"seed={self.seed}, "
             f"drop_last={self.drop_last}, rank={self.rank}/{self.world_size}, device={self.device})"
         )
