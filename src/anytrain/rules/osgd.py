@@ -1,0 +1,393 @@
+"""Orthogonalized SGD (OSGD): Gram–Schmidt over the per-exit gradients, earliest exit first.
+
+For a staged network with exits ``1..K`` (earliest first) and per-exit losses ``L_k``, let ``g_k = ∇_θ L_k``
+over the parameters the exits share. OSGD updates along
+
+.. math::
+
+    u_1 = g_1, \\qquad u_k = g_k - \\sum_{j<k} \\frac{\\langle u_j, g_k\\rangle}{\\lVert u_j\\rVert^2} u_j,
+    \\qquad d = \\sum_k u_k ,
+
+so a later exit may only move the shared parameters in directions that do not interfere (to first order)
+with any earlier exit: early exits keep priority. Exit heads get their own exit's gradient.
+
+Everything in the global mode is a function of the ``K×K`` Gram matrix ``M = G Gᵀ``: ``U = C G`` with ``C``
+lower-triangular (``C = diag(L) L⁻¹`` for the Cholesky factor ``M = L Lᵀ``), so ``d = (1ᵀ C) G = Σ_k a_k g_k``
+and ``d`` is the gradient of ``Σ_k a_k L_k``. That is what makes OSGD (i) a TorchJD *weighting*
+(:class:`OSGDWeighting`) and (ii) amortizable: recompute ``a`` every ``N`` steps from K per-exit gradients and
+otherwise do one backward pass.
+
+Reference: the anytime-network OSGD rule of the ICML 2020 paper on nested anytime networks (orthogonalized
+SGD); this module is our implementation of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from anytrain.rules.base import GradientRule, scalar_losses
+from anytrain.rules.pergrad import GRAD_METHODS, ExitPartition, exit_partition, per_exit_grads, write_flat
+
+MODES = ("global", "per_tensor")
+
+
+def _check_float(t: Tensor, what: str) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor, got {t.dtype}")
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance below which a residual row counts as zero: ``sqrt(eps)`` of ``dtype``.
+
+    Classical Gram–Schmidt with re-orthogonalization leaves a residual of order ``eps·‖g_k‖`` on a row that
+    lies in the span of earlier rows, far below ``sqrt(eps)·‖g_k‖`` (3.5e-4 relative in float32).
+    """
+    return float(torch.finfo(dtype).eps) ** 0.5
+
+
+def orthogonalize(G: Tensor, rtol: float | None = None) -> Tensor:
+    """Gram–Schmidt the rows of ``G`` in order.
+
+    .. math:: u_k = g_k - \\mathrm{proj}_{\\mathrm{span}(g_1..g_{k-1})}\\, g_k
+
+    Args:
+        G: ``K×P`` per-exit gradients, earliest exit first (float32 or float64).
+        rtol: a residual with ``‖u_k‖ ≤ rtol·‖g_k‖`` is set to exactly zero (``g_k`` lies in the span of the
+            earlier rows); default ``sqrt(eps)`` of the dtype.
+
+    Returns:
+        ``U`` (``K×P``, same dtype): mutually orthogonal rows with ``span(u_1..u_k) = span(g_1..g_k)``; zero
+        rows for dependent (or zero) rows, never NaN.
+
+    Classical Gram–Schmidt applied twice per row ("CGS2", as stable as modified Gram–Schmidt) so each row
+    costs two matrix–vector products with the earlier unit rows: a loop over K (small), never over P.
+
+    Example:
+        >>> G = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+        >>> orthogonalize(G)
+        tensor([[1., 0.],
+                [0., 1.],
+                [0., 0.]])
+    """
+    if G.dim() != 2:
+        raise ValueError(f"orthogonalize expects a K×P matrix, got shape {tuple(G.shape)}")
+    _check_float(G, "G")
+    tol = default_rtol(G.dtype) if rtol is None else float(rtol)
+    K = G.shape[0]
+    U = torch.zeros_like(G)
+    Q = torch.zeros_like(G)  # unit rows (zero for dropped rows)
+    gnorm = torch.linalg.vector_norm(G, dim=1)
+    for k in range(K):
+        r = G[k]
+        if k:
+            Qk = Q[:k]
+            for _ in range(2):  # re-orthogonalize once: CGS2
+                r = r - Qk.T @ (Qk @ r)
+        nr = torch.linalg.vector_norm(r)
+        keep = nr > tol * gnorm[k]
+        U[k] = torch.where(keep, r, torch.zeros_like(r))
+        Q[k] = torch.where(keep, r / torch.where(keep, nr, torch.ones_like(nr)), torch.zeros_like(r))
+    return U
+
+
+def osgd_coefficients(gram: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
+    """Gram–Schmidt in coefficient space: ``C`` with ``U = C G`` and the squared norms ``‖u_k‖²``.
+
+    Args:
+        gram: ``…×K×K`` Gram matrices ``M = G Gᵀ`` (any batch of leading dimensions).
+        rtol: relative tolerance on ``‖u_k‖/‖g_k‖`` (a row with ``‖u_k‖² ≤ rtol²·M_kk`` becomes zero);
+            default ``10·sqrt(eps)`` of ``gram``'s dtype, since forming ``M`` squares the condition number.
+
+    Returns:
+        ``(C, sq_norms)``: ``C`` is ``…×K×K`` lower-triangular with unit diagonal on kept rows and zero rows on
+        dropped ones; ``sq_norms`` (``…×K``) are ``‖u_k‖² = C_k M C_kᵀ`` (zero on dropped rows).
+
+    The recursion is the Cholesky-type factorisation ``M = L Lᵀ`` written for semidefinite ``M``
+    (``C = diag(L) L⁻¹`` where ``L`` is invertible). It runs in float64 and stays on ``gram``'s device: no
+    host synchronisation.
+    """
+    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"gram must be …×K×K, got shape {tuple(gram.shape)}")
+    _check_float(gram, "gram")
+    tol = 10.0 * default_rtol(gram.dtype) if rtol is None else float(rtol)
+    M = gram.to(torch.float64)
+    M = 0.5 * (M + M.transpose(-1, -2))
+    K = M.shape[-1]
+    batch = M.shape[:-2]
+    C = torch.zeros(*batch, K, K, dtype=M.dtype, device=M.device)
+    sq = torch.zeros(*batch, K, dtype=M.dtype, device=M.device)
+    inv = torch.zeros(*batch, K, dtype=M.dtype, device=M.device)
+    eye = torch.eye(K, dtype=M.dtype, device=M.device)
+    diag = torch.diagonal(M, dim1=-2, dim2=-1)
+    for k in range(K):
+        c = eye[k].expand(*batch, K)
+        if k:
+            Ck = C[..., :k, :]
+            for _ in range(2):  # second pass: re-orthogonalization, as in CGS2
+                ip = ((Ck @ M) * c.unsqueeze(-2)).sum(-1)  # <u_j, current row>, j < k
+                c = c - ((ip * inv[..., :k]).unsqueeze(-1) * Ck).sum(-2)
+        nk = ((c.unsqueeze(-2) @ M).squeeze(-2) * c).sum(-1)
+        keep = nk > (tol * tol) * diag[..., k]
+        C[..., k, :] = torch.where(keep.unsqueeze(-1), c, torch.zeros_like(c))
+        sq[..., k] = torch.where(keep, nk, torch.zeros_like(nk))
+        inv[..., k] = torch.where(keep, 1.0 / torch.where(keep, nk, torch.ones_like(nk)), torch.zeros_like(nk))
+    return C, sq
+
+
+def osgd_weights(gram: Tensor, rescale: bool = False, rtol: float | None = None) -> Tensor:
+    """Weights ``a`` with ``Σ_k u_k = aᵀ G`` (``a = 1ᵀ C``), from the Gram matrix alone.
+
+    With ``rescale=True`` each ``u_k`` is first scaled to the norm of ``g_k`` (``a = sᵀ C`` with
+    ``s_k = ‖g_k‖/‖u_k‖``, zero for dropped rows). Returned in ``gram``'s dtype, shape ``…×K``.
+
+    Example:
+        >>> G = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        >>> osgd_weights(G @ G.T)
+        tensor([0., 1.])
+    """
+    C, sq = osgd_coefficients(gram, rtol)
+    return _weights_from(C, sq, gram, rescale)
+
+
+def _weights_from(C: Tensor, sq: Tensor, gram: Tensor, rescale: bool) -> Tensor:
+    if rescale:
+        diag = torch.diagonal(gram.to(torch.float64), dim1=-2, dim2=-1)
+        s = torch.where(sq > 0, (diag / torch.where(sq > 0, sq, torch.ones_like(sq))).sqrt(), torch.zeros_like(sq))
+    else:
+        s = (sq > 0).to(C.dtype)
+    return (s.unsqueeze(-1) * C).sum(-2).to(gram.dtype)
+
+
+# ---- TorchJD integration ----------------------------------------------------------------------------------
+try:
+    from torchjd.aggregation import GramianWeightedAggregator as _GWA
+    from torchjd.aggregation import Weighting as _Weighting
+except ImportError:  # pragma: no cover - torchjd is a declared dependency
+    _Weighting = nn.Module  # type: ignore[assignment,misc]
+    _GWA = None  # type: ignore[assignment,misc]
+
+
+class OSGDWeighting(_Weighting):  # type: ignore[misc,valid-type]
+    """TorchJD ``Weighting``: maps the Gramian of the per-objective gradients to OSGD's weights.
+
+    Objectives are taken in their given order (first = highest priority). Usable with
+    ``torchjd.autogram.Engine`` (``losses.backward(weighting(engine.compute_gramian(losses)))``) and, wrapped
+    in :class:`OSGDAggregator`, with ``torchjd.autojac``.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        >>> OSGDWeighting()(J @ J.T)
+        tensor([0., 1.])
+    """
+
+    def __init__(self, rescale: bool = False, rtol: float | None = None) -> None:
+        super().__init__()
+        self.rescale = bool(rescale)
+        self.rtol = rtol
+
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        return osgd_weights(gramian, self.rescale, self.rtol)
+
+    def extra_repr(self) -> str:
+        return f"rescale={self.rescale}, rtol={self.rtol}"
+
+
+if _GWA is not None:
+
+    class OSGDAggregator(_GWA):  # type: ignore[misc,valid-type]
+        """TorchJD ``Aggregator`` for OSGD: ``J ↦ Σ_k u_k`` with the rows of ``J`` Gram–Schmidted in order.
+
+        Example:
+            >>> OSGDAggregator()(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+            tensor([0., 1.])
+        """
+
+        def __init__(self, rescale: bool = False, rtol: float | None = None) -> None:
+            super().__init__(OSGDWeighting(rescale, rtol))
+            self.rescale = bool(rescale)
+            self.rtol = rtol
+
+        def __repr__(self) -> str:
+            return f"OSGDAggregator(rescale={self.rescale}, rtol={self.rtol})"
+
+
+# ---- the gradient rule ----------------------------------------------------------------------------------------
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``w`` (a 0-d tensor on the device)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(w)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (w,) = ctx.saved_tensors
+        return grad * w.to(grad.dtype), None
+
+
+def scale_grad(state: Any, w: Tensor) -> Any:
+    """Scale the gradient flowing back through every tensor of a state pytree by ``w``."""
+    return tree_map(lambda t: _ScaleGrad.apply(t, w) if isinstance(t, Tensor) and t.requires_grad else t, state)
+
+
+def segment_grams(G: Tensor, seg: Tensor, num_segments: int) -> Tensor:
+    """Per-tensor Gram matrices ``T×K×K`` of a ``K×P`` matrix whose columns belong to segments ``seg``.
+
+    Loops over K (not over tensors): row ``i`` of every Gram is one ``index_add`` of ``g_i ⊙ G``.
+    """
+    K = G.shape[0]
+    out = torch.zeros(num_segments, K, K, dtype=G.dtype, device=G.device)
+    for i in range(K):
+        out[:, i, :].index_add_(0, seg, (G[i] * G).T)
+    return out
+
+
+class OSGD(GradientRule):
+    """Orthogonalized SGD over exits.
+
+    Algorithm (one step; exits in priority order, earliest first)::
+
+        g_k  = ∇_trunk L_k               for k = 1..K   (backward of L_k only reaches stages ≤ k)
+        u_k  = g_k − proj_{span(g_1..g_{k−1})} g_k      (global, or per parameter tensor)
+        u_k ← u_k · ‖g_k‖/‖u_k‖          if rescale
+        trunk.grad = Σ_k u_k ;  head_k.grad = ∇_{head_k} L_k
+
+    Amortized (``amortize=N > 1``, global mode): at steps ``t ≡ 0 (mod N)`` the above runs and caches
+    ``a = osgd_weights(G Gᵀ)``; at other steps one backward of ``Σ_k L_k`` runs with the gradient entering the
+    trunk from exit ``k`` scaled by ``a_k`` (a scaling node between stage ``k``'s state and head ``k``), so the
+    trunk gets ``Σ_k a_k g_k`` and each head still gets its own exit's gradient. This needs the forward to go
+    through :meth:`forward` (the trainer does); a step whose forward did not falls back to the exact update.
+
+    Args:
+        mode: ``"global"`` (the whole flattened shared vector) or ``"per_tensor"`` (each parameter tensor
+            separately, over the exits that reach it).
+        rescale: scale each ``u_k`` to ``‖g_k‖``.
+        amortize: recompute the coefficients every ``amortize`` steps (global mode only); 1 = exact.
+        rtol: tolerance for dropping dependent rows (see :func:`osgd_coefficients`).
+        grad_method: ``"loop"`` or ``"batched"`` per-exit gradients (see ``anytrain.rules.pergrad``).
+
+    Example:
+        >>> from anytrain.nets import StagedNet
+        >>> net = StagedNet([nn.Linear(3, 4), nn.Linear(4, 4)], [nn.Linear(4, 2), nn.Linear(4, 2)])
+        >>> rule = OSGD()
+        >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+        >>> losses = [nn.functional.cross_entropy(z, y) for z in rule.forward(net, x)]
+        >>> sorted(rule.backward(net, losses))
+        ['loss', 'osgd/kept']
+    """
+
+    name = "osgd"
+
+    def __init__(
+        self,
+        mode: str = "global",
+        rescale: bool = False,
+        amortize: int = 1,
+        rtol: float | None = None,
+        grad_method: str = "loop",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"osgd mode must be one of {MODES}, got {mode!r}")
+        if int(amortize) != amortize or int(amortize) < 1:
+            raise ValueError(f"osgd amortize must be an integer ≥ 1, got {amortize!r}")
+        if int(amortize) > 1 and mode != "global":
+            raise ValueError("osgd amortize > 1 needs mode 'global' (per-tensor weights are not one loss)")
+        if grad_method not in GRAD_METHODS:
+            raise ValueError(f"osgd grad_method must be one of {GRAD_METHODS}, got {grad_method!r}")
+        if rtol is not None and not 0.0 <= float(rtol) < 1.0:
+            raise ValueError(f"osgd rtol must be in [0, 1), got {rtol}")
+        self.mode = mode
+        self.rescale = bool(rescale)
+        self.amortize = int(amortize)
+        self.rtol = None if rtol is None else float(rtol)
+        self.grad_method = grad_method
+        self.steps = 0
+        self.weights: Tensor | None = None  # cached amortized coefficients a (K,)
+        self._part: ExitPartition | None = None
+        self._part_key: tuple[int, int] | None = None
+        self._seg: Tensor | None = None
+        self._scaled_forward = False
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _partition(self, net: nn.Module, K: int) -> ExitPartition:
+        key = (id(net), K)
+        if self._part is None or self._part_key != key:
+            self._part = exit_partition(net, K)
+            self._part_key = key
+            self._seg = None
+        return self._part
+
+    def _segments(self, part: ExitPartition, device: torch.device) -> Tensor:
+        if self._seg is None or self._seg.device != device:
+            sizes = torch.tensor(part.numels, device=device)
+            self._seg = torch.repeat_interleave(torch.arange(len(part.numels), device=device), sizes)
+        return self._seg
+
+    def _refresh_due(self) -> bool:
+        return self.amortize == 1 or self.weights is None or self.steps % self.amortize == 0
+
+    # ---- rule interface ------------------------------------------------------------------------------------
+    def bind(self, net: nn.Module) -> None:
+        self._partition(net, getattr(net, "num_exits", 1))
+
+    def forward(self, net: nn.Module, x: Tensor) -> list[Tensor]:
+        self._scaled_forward = False
+        stages, exits = getattr(net, "stages", None), getattr(net, "exits", None)
+        if self._refresh_due() or stages is None or exits is None or not hasattr(net, "states"):
+            return super().forward(net, x)
+        assert self.weights is not None
+        w = self.weights
+        out = [head(scale_grad(s, w[k])) for k, (head, s) in enumerate(zip(exits, net.states(x)))]
+        self._scaled_forward = True
+        return out
+
+    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
+        vec = scalar_losses(losses)
+        K = vec.numel()
+        scaled, self._scaled_forward = self._scaled_forward, False
+        refresh = self._refresh_due() or not scaled
+        self.steps += 1
+        total = vec.detach().sum()
+        if not refresh:
+            vec.sum().backward()  # trunk gets Σ a_k g_k through the scaling nodes; heads their own gradient
+            return {"loss": total}
+        part = self._partition(net, K)
+        G, head_grads = per_exit_grads(list(losses), part, self.grad_method)
+        if self.mode == "global":
+            gram = G @ G.T
+            C, sq = osgd_coefficients(gram, self.rtol)
+            w = _weights_from(C, sq, gram, self.rescale)
+            direction = w @ G
+            kept = (sq > 0).sum()
+            if self.amortize > 1:
+                self.weights = w.detach()
+        else:
+            seg = self._segments(part, G.device)
+            grams = segment_grams(G, seg, len(part.numels))  # T×K×K
+            C, sq = osgd_coefficients(grams, self.rtol)
+            W = _weights_from(C, sq, grams, self.rescale)  # T×K
+            direction = (W.T[:, seg] * G).sum(0)
+            kept = (sq > 0).to(G.dtype).mean(0).sum()  # mean over tensors of the number of kept rows
+        write_flat(part, direction, head_grads)
+        return {"loss": total, "osgd/kept": kept.to(total.dtype)}
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "weights": None if self.weights is None else self.weights.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        w = state.get("weights")
+        self.weights = None if w is None else w.clone()
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self.mode!r}, rescale={self.rescale}, amortize={self.amortize}, rtol={self.rtol}, "
+            f"grad_method={self.grad_method!r}"
+        )
