@@ -114,8 +114,8 @@ class BatchLoader:
         idx = self.epoch_indices()
         if self._on_device:
             idx = idx.to(self.device)
-        gen = None
-        if self.augment is not None:
+        aug, gen = self.augment, None
+        if aug is not None:
             gen = _device_generator(self.device, derive_seed(self.seed, self.epoch, _AUG_STREAM))
         for i in range(len(self)):
             bi = idx[i * self.batch_size : (i + 1) * self.batch_size]
@@ -125,8 +125,8 @@ class BatchLoader:
                     xb, yb = xb.pin_memory(), yb.pin_memory()
                 xb = xb.to(self.device, non_blocking=True)
                 yb = yb.to(self.device, non_blocking=True)
-            if gen is not None:
-                xb = self.augment(xb, gen)
+            if aug is not None and gen is not None:
+                xb = aug(xb, gen)
             yield xb, yb
 
     def __repr__(self) -> str:
