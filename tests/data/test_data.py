@@ -465,3 +465,57 @@ def test_loader_does_not_touch_global_rng() -> None:
     ld = BatchLoader(x, y, 8, augment=lambda xb, g: xb + torch.rand(xb.shape, generator=g))
     list(ld)
     assert torch.equal(torch.rand(3), expect)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# imagefolder
+
+
+def _write_images(root: Path, counts: dict[str, int], size: tuple[int, int], seed: int) -> dict[str, list]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {}
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True)
+        out[cls] = []
+        for i in range(n):
+            a = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(a).save(root / cls / f"{i:03d}.png")
+            out[cls].append(a)
+    return out
+
+
+def test_imagefolder_layouts_values_and_errors(tmp_path: Path) -> None:
+    # Layout 1: train/ and test/ with class folders.
+    tr = _write_images(tmp_path / "a" / "train", {"cat": 3, "dog": 2}, (6, 5), 0)
+    _write_images(tmp_path / "a" / "test", {"cat": 1, "dog": 1}, (6, 5), 1)
+    b = load_dataset("imagefolder", data_dir=str(tmp_path / "a"))
+    check_bundle(b, (3, 6, 5), 2, 5, 2)
+    assert b.classes == ["cat", "dog"] and b.y_train.tolist() == [0, 0, 0, 1, 1]
+    assert_standardised(b.x_train)
+    raw = b.x_train * torch.tensor(b.std).reshape(1, 3, 1, 1) + torch.tensor(b.mean).reshape(1, 3, 1, 1)
+    want = torch.from_numpy(np.stack(tr["cat"] + tr["dog"])).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(raw, want, atol=1e-5, rtol=0)
+    assert isinstance(b.augment, RandomCropFlip)
+    # Resizing and grayscale.
+    g = load_dataset("imagefolder", data_dir=str(tmp_path / "a"), size=4, grayscale=True, augment=False)
+    check_bundle(g, (1, 4, 4), 2, 5, 2)
+    assert g.augment is None
+    # Layout 2: class folders only -> seeded stratified split.
+    _write_images(tmp_path / "b", {"x": 5, "y": 5, "z": 5}, (4, 4), 2)
+    s = load_dataset("imagefolder", data_dir=str(tmp_path / "b"), seed=1)
+    check_bundle(s, (3, 4, 4), 3, 12, 3)
+    assert sorted(s.y_test.tolist()) == [0, 1, 2]
+    assert same_bundle(s, load_dataset("imagefolder", data_dir=str(tmp_path / "b"), seed=1))
+    # Errors: no dir, missing dir, mixed sizes, unreadable image.
+    with pytest.raises(ConfigError, match="needs data.data_dir"):
+        load_dataset("imagefolder")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_dataset("imagefolder", data_dir=str(tmp_path / "nope"))
+    _write_images(tmp_path / "b" / "w", {"big": 1}, (7, 7), 3)  # nested deeper: w/big/000.png, a 7x7 image
+    with pytest.raises(ConfigError, match="set data.size"):
+        load_dataset("imagefolder", data_dir=str(tmp_path / "b"))
+    (tmp_path / "b" / "x" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match="cannot read image"):
+        load_dataset("imagefolder", data_dir=str(tmp_path / "b"), size=4)
