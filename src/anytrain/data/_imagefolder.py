@@ -27,11 +27,12 @@ def _images(folder: Path) -> list[Path]:
 def _read(files: list[tuple[Path, int]], mode: str, size: tuple[int, int] | None) -> tuple[torch.Tensor, ...]:
     from PIL import Image
 
-    arrays, labels = [], []
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
     for path, label in files:
         try:
-            with Image.open(path) as im:
-                im = im.convert(mode)
+            with Image.open(path) as f:
+                im = f.convert(mode)
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
