@@ -125,7 +125,11 @@ def per_exit_grads(
     eye = torch.eye(K, dtype=vec.dtype, device=vec.device)
     heads_flat = [p for hs in part.heads for p in hs]
     grads = torch.autograd.grad(
-        vec, part.trunk + heads_flat, grad_outputs=eye, is_grads_batched=True, allow_unused=True,
+        vec,
+        part.trunk + heads_flat,
+        grad_outputs=eye,
+        is_grads_batched=True,
+        allow_unused=True,
         materialize_grads=True,
     )
     if part.trunk:
