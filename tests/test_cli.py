@@ -75,3 +75,12 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, args, msg):
     assert len(err.splitlines()) == 1 and err.startswith("anytrain: error:")
     assert msg in err
     assert not out.exists()
+
+
+def test_data_options_pass_through(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *SMALL, "--set", "data.options.shape=[1,12]", "--set", "data.options.num_classes=3"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "(1, 12)" in (out / "config.yaml").read_text() or "- 12" in (out / "config.yaml").read_text()
+    assert main(["train", *SMALL, "--set", "data.options.nope=1", "--out", str(tmp_path / "b")]) == 2
+    assert "nope" in capsys.readouterr().err

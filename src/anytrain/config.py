@@ -4,7 +4,7 @@ A config is a nested dict with these sections (anything under ``model``, ``rule`
 ``schedule`` other than ``name`` is passed as a keyword argument to the builder)::
 
     seed: 0
-    data:      {name: mnist1d, data_dir: null, num_samples: null, batch_size: 128, augment: true}
+    data:      {name: mnist1d, data_dir: null, num_samples: null, batch_size: 128, augment: true, options: {}}
     model:     {name: cnn1d-exits, ...builder kwargs}
     rule:      {name: joint, ...rule kwargs}
     optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 5.0e-4, ...}
@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 128,
         "eval_batch_size": 1000,
         "augment": True,
+        "options": {},  # data-set-specific keyword arguments (e.g. label_mode: coarse for cifar100)
     },
     "model": {"name": "cnn1d-exits"},
     "rule": {"name": "joint"},
@@ -50,14 +51,14 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Sections whose keys are free-form builder kwargs (only ``name`` is required).
-_OPEN_SECTIONS = {"model", "rule", "optimizer", "schedule"}
+_OPEN_SECTIONS = {"model", "rule", "optimizer", "schedule", "data.options"}
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any], path: str = "") -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in new.items():
         where = f"{path}{k}"
-        if k not in out and path.rstrip(".") not in _OPEN_SECTIONS:
+        if k not in out and path.rstrip(".") not in _OPEN_SECTIONS:  # data.options is open too
             known = ", ".join(sorted(out))
             raise ConfigError(f"unknown config key {where!r}; known here: {known}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -126,7 +127,9 @@ def validate(cfg: dict[str, Any]) -> None:
     for sec in ("data", "model", "rule", "optimizer", "schedule", "train"):
         if not isinstance(cfg.get(sec), dict):
             raise ConfigError(f"config section {sec!r} must be a mapping")
-    for sec in _OPEN_SECTIONS:
+    if not isinstance(cfg["data"].get("options"), dict):
+        raise ConfigError("data.options must be a mapping of data-set keyword arguments")
+    for sec in ("model", "rule", "optimizer", "schedule"):
         if not isinstance(cfg[sec].get("name"), str):
             raise ConfigError(f"{sec}.name must be a string")
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):

@@ -65,6 +65,7 @@ def build_components(cfg: dict[str, Any], device: torch.device | None = None) ->
     d = cfg["data"]
     data = load_dataset(
         d["name"],
+        **(d.get("options") or {}),
         data_dir=d.get("data_dir"),
         seed=cfg["seed"],
         num_samples=d.get("num_samples"),
