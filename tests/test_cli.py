@@ -84,3 +84,22 @@ def test_data_options_pass_through(tmp_path, capsys):
     assert "(1, 12)" in (out / "config.yaml").read_text() or "- 12" in (out / "config.yaml").read_text()
     assert main(["train", *SMALL, "--set", "data.options.nope=1", "--out", str(tmp_path / "b")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_any_torch_optimizer_by_name(tmp_path):
+    assert (
+        main(
+            [
+                "train",
+                *SMALL,
+                "--set",
+                "optimizer.name=rmsprop",
+                "--set",
+                "optimizer.lr=0.001",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["optimizer"] == "rmsprop"

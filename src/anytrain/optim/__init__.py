@@ -1,4 +1,5 @@
-"""Optimizers. ``build_optimizer(name, net, params, **hparams)``; ``OPTIMIZERS`` lists them.
+"""Optimizers. ``build_optimizer(name, net, params, **hparams)``; ``OPTIMIZERS`` lists them, and any other
+``torch.optim`` class can be named too (``rmsprop``, ``nadam``, ``adagrad``...).
 
 A factory registered here has the signature ``factory(net, params, **hparams) -> torch.optim.Optimizer``:
 ``params`` is the list of parameters this optimizer owns (all of the net's, or one module's under decoupled
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anytrain.registry import Registry
+from anytrain.registry import ConfigError, Registry
 
 OPTIMIZERS: Registry = Registry("optimizer")
 
@@ -32,12 +33,34 @@ def _adamw(net: nn.Module, params: list[nn.Parameter], lr: float = 1e-3, **kw: A
     return torch.optim.AdamW(params, lr=lr, **kw)
 
 
+def _torch_optimizer(name: str) -> type[torch.optim.Optimizer] | None:
+    """Any ``torch.optim`` optimizer class by (case-insensitive) name, e.g. ``rmsprop``, ``nadam``."""
+    for attr in dir(torch.optim):
+        obj = getattr(torch.optim, attr)
+        if (
+            attr.lower() == name.lower()
+            and isinstance(obj, type)
+            and issubclass(obj, torch.optim.Optimizer)
+            and obj is not torch.optim.Optimizer
+            and obj is not torch.optim.LBFGS  # needs a closure every step; the trainer does not pass one
+        ):
+            return obj
+    return None
+
+
 def build_optimizer(
     name: str, net: nn.Module, params: list[nn.Parameter] | None = None, **hparams: Any
 ) -> torch.optim.Optimizer:
     if params is None:
         params = [p for p in net.parameters() if p.requires_grad]
-    factory = OPTIMIZERS.get(name)
+    if name in OPTIMIZERS:
+        factory = OPTIMIZERS.get(name)
+    else:
+        cls = _torch_optimizer(name)
+        if cls is None:
+            known = ", ".join(OPTIMIZERS)
+            raise ConfigError(f"unknown optimizer {name!r}; known: {known} (or any torch.optim class name)")
+        factory = lambda net, ps, **kw: cls(ps, **kw)  # noqa: E731
     try:
         return factory(net, params, **hparams)
     except TypeError as e:  # unknown keyword
