@@ -203,8 +203,8 @@ if _GWA is not None:
         """TorchJD ``Aggregator`` for OSGD: ``J ↦ Σ_k u_k`` with the rows of ``J`` Gram–Schmidted in order.
 
         Example:
-            >>> OSGDAggregator()(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
-            tensor([0., 1.])
+            >>> OSGDAggregator()(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))  # u_1 + u_2 = (1, 0) + (0, 1)
+            tensor([1., 1.])
         """
 
         def __init__(self, rescale: bool = False, rtol: float | None = None) -> None:
