@@ -213,10 +213,14 @@ def test_per_tensor_rule_orthogonalizes_each_tensor():
 def test_segment_grams_match_loop():
     G = torch.randn(3, 10, dtype=torch.float64)
     seg = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    G[0, 4:] = 0.0  # exit 0 reaches only the first 4 columns
+    G[1, 7:] = 0.0
     grams = segment_grams(G, seg, 3)
+    pruned = segment_grams(G, seg, 3, support=[4, 7, 10])
     for t in range(3):
         Gt = G[:, seg == t]
         torch.testing.assert_close(grams[t], Gt @ Gt.T)
+        torch.testing.assert_close(pruned[t], Gt @ Gt.T)
 
 
 def test_one_exit_equals_plain_backprop_over_steps():

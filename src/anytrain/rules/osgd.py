@@ -236,15 +236,23 @@ def scale_grad(state: Any, w: Tensor) -> Any:
     return tree_map(lambda t: _ScaleGrad.apply(t, w) if isinstance(t, Tensor) and t.requires_grad else t, state)
 
 
-def segment_grams(G: Tensor, seg: Tensor, num_segments: int) -> Tensor:
+def segment_grams(G: Tensor, seg: Tensor, num_segments: int, support: Sequence[int] | None = None) -> Tensor:
     """Per-tensor Gram matrices ``T×K×K`` of a ``K×P`` matrix whose columns belong to segments ``seg``.
 
-    Loops over K (not over tensors): row ``i`` of every Gram is one ``index_add`` of ``g_i ⊙ G``.
+    Loops over K (not over tensors): row ``i`` of every Gram is one ``index_add`` of ``g_i ⊙ g_j`` (``j ≥ i``,
+    mirrored by symmetry). ``support[i]``, if given, says row ``i`` is zero beyond that column (exit ``i``
+    only reaches stages ``≤ i``), which skips the products that are known to vanish.
     """
-    K = G.shape[0]
+    K, P = G.shape
     out = torch.zeros(num_segments, K, K, dtype=G.dtype, device=G.device)
     for i in range(K):
-        out[:, i, :].index_add_(0, seg, (G[i] * G).T)
+        n = P if support is None else int(support[i])
+        if n == 0:
+            continue
+        prod = G[i:, :n] * G[i, :n]  # (K−i)×n
+        blk = torch.zeros(K - i, num_segments, dtype=G.dtype, device=G.device).index_add_(1, seg[:n], prod)
+        out[:, i, i:] = blk.T
+        out[:, i + 1 :, i] = blk[1:].T
     return out
 
 
@@ -369,7 +377,7 @@ class OSGD(GradientRule):
                 self.weights = w.detach()
         else:
             seg = self._segments(part, G.device)
-            grams = segment_grams(G, seg, len(part.numels))  # T×K×K
+            grams = segment_grams(G, seg, len(part.numels), part.trunk_offset)  # T×K×K
             C, sq = osgd_coefficients(grams, self.rtol)
             W = _weights_from(C, sq, grams, self.rescale)  # T×K
             direction = (W.T[:, seg] * G).sum(0)
