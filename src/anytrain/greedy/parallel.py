@@ -1,0 +1,726 @@
+"""Decoupled greedy learning in parallel: one module per process on ``torch.distributed``.
+
+Rank ``j`` holds module ``j`` only (its stages, its exit heads, its optimizer and LR schedule). Rank 0 reads the
+data; every rank sends the *detached* output of its module, with the labels, to rank ``j+1`` with point-to-point
+operations (``isend``/``irecv``; shapes are known from a dry run, so no shape messages are needed). Because no
+gradient crosses a module boundary, nothing ever flows backwards: the modules form a forward-only pipeline, and
+with ``K`` ranks up to ``K`` batches are in flight (module ``j`` works on batch ``t`` while module ``j-1`` works on
+``t+1``).
+
+Two consumption modes:
+
+- ``buffer=0`` (synchronous): each rank consumes every batch once, in order. The weights are then *identical*
+  to single-process synchronous DGL (``rule: dgl`` in the trainer) with the same seed: module ``j`` sees module
+  ``j-1``'s output computed with the same weights in both runs. (Exactness needs a net without dropout, whose
+  random draws interleave differently across processes.)
+- ``buffer=M`` (asynchronous, replay): a receiver thread puts incoming batches into a ``ReplayBuffer`` of ``M``
+  batches (full → oldest dropped) and the rank trains on uniform draws from it, so it never waits for a slow
+  producer once the buffer holds something.
+
+Messages from rank ``j`` to ``j+1`` are a pair (header, activation). The header is ``int64[2 + B]``:
+``[flag, epoch, y_1..y_B]`` with flag ``DATA``, ``MARK`` (end of an epoch: checkpoint) or ``END`` (end of the
+data: the sentinel that shuts the pipeline down). ``MARK``/``END`` carry a zero activation so that every message
+is a pair.
+
+Checkpoints are a Chandy–Lamport snapshot along the pipeline: on ``MARK e`` a rank saves its shard
+(``checkpoints/epoch_XXXX/rank{j}.pt``: module, optimizer, schedule, buffer, RNG) *before* forwarding the marker,
+so when the last rank has its shard every shard exists; it then writes ``COMPLETE``. In replay mode the receiver
+thread pauses at a marker until the shard is written, so the saved buffer holds exactly the pre-marker batches.
+``--resume`` restarts every rank from the newest complete epoch.
+
+Failure handling: every wait on a peer is bounded by ``--timeout`` (a timed-out or closed connection raises);
+a rank that fails prints one line naming itself and the peer, and exits non-zero. The local launcher polls its
+children, and when one exits non-zero it names that rank, stops the others (SIGTERM, then SIGKILL) and exits
+non-zero, so a dead rank never leaves a hanging job. Under ``torchrun`` the elastic agent does the same.
+
+Run it with ``anytrain dgl-parallel CONFIG --out DIR`` (local launcher, one process per module) or
+``torchrun --nproc-per-node K -m anytrain.greedy.parallel CONFIG --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import queue
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anytrain.greedy.buffer import ReplayBuffer
+from anytrain.greedy.modules import module_forward, module_parameters
+from anytrain.registry import ConfigError
+
+DATA, MARK, END = 1, 2, 0
+PEER_FAILURE = 3  # exit code of a rank that stopped because a peer failed or timed out
+FAULT_ENV = "ANYTRAIN_DGL_FAULT"  # "rank:step": that rank dies at that step (fault-injection for tests)
+
+
+@dataclass(kw_only=True)
+class ParallelOptions:
+    """Options of the multi-process runner.
+
+    Args:
+        buffer: 0 for the synchronous pipeline; ``M > 0`` for a replay buffer of ``M`` batches per rank.
+        timeout: seconds any wait on a peer may last before the rank gives up (and the job fails).
+        inflight: sends a rank may have outstanding before it waits for the oldest (bounds its memory).
+        resume: continue from the newest complete checkpoint in the run directory.
+    """
+
+    buffer: int = 0
+    timeout: float = 120.0
+    inflight: int = 2
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.buffer) < 0:
+            raise ConfigError(f"--buffer must be >= 0, got {self.buffer}")
+        if float(self.timeout) <= 0:
+            raise ConfigError(f"--timeout must be > 0, got {self.timeout}")
+        if int(self.inflight) < 1:
+            raise ConfigError(f"--inflight must be >= 1, got {self.inflight}")
+
+
+class PeerError(RuntimeError):
+    """A peer rank died, closed its connection or did not answer within the timeout."""
+
+
+def _kwargs(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+# ---- the part of the run one rank owns ---------------------------------------------------------------------
+class RankModule:
+    """Module ``rank`` of the config's network, its optimizer and schedule, and the shapes it exchanges."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> None:
+        from anytrain.data import BatchLoader, load_dataset
+        from anytrain.nets import build_model
+        from anytrain.optim import build_optimizer
+        from anytrain.rules import build_rule
+        from anytrain.train.schedule import build_scheduler
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        d = cfg["data"]
+        # Same construction order as the trainer (data, then seed, then model) so the weights start equal.
+        data = load_dataset(
+            d["name"],
+            data_dir=d.get("data_dir"),
+            seed=cfg["seed"],
+            num_samples=d.get("num_samples"),
+            augment=bool(d.get("augment", True)),
+        )
+        torch.manual_seed(cfg["seed"])
+        net = build_model(
+            cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
+        )
+        rule = build_rule(cfg["rule"]["name"], **_kwargs(cfg["rule"]))
+        if getattr(rule, "name", "") != "dgl":
+            raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg['rule']['name']!r}")
+        rule.bind(net)
+        part = rule.partition
+        assert part is not None
+        if len(part) != world:
+            raise ConfigError(
+                f"the network has {len(part)} DGL modules but {world} processes were started; "
+                "use one process per module"
+            )
+        self.partition = part
+        self.stages = part[rank]
+        self.loader = BatchLoader(
+            data.x_train,
+            data.y_train,
+            d["batch_size"],
+            shuffle=True,
+            seed=cfg["seed"],
+            augment=data.augment if d.get("augment", True) else None,
+            drop_last=True,
+            device=device,
+        )
+        if len(self.loader) == 0:
+            raise ConfigError(f"data.batch_size={d['batch_size']} exceeds the {len(data.y_train)} training samples")
+        self.data = data if rank == 0 else None
+        self.batch = int(d["batch_size"])
+        self.epochs = int(cfg["train"]["epochs"])
+        self.steps_per_epoch = len(self.loader)
+        self.label_smoothing = float(cfg["train"].get("label_smoothing", 0.0))
+        # Dry run (eval mode, no grad: running statistics untouched) for the shapes crossing the boundaries.
+        net.eval()
+        with torch.no_grad():
+            s = torch.zeros(1, *data.input_shape)
+            shapes = [tuple(s.shape[1:])]
+            for k in range(net.num_exits):
+                s = net.stages[k](s)
+                if not isinstance(s, Tensor):
+                    raise ConfigError(
+                        f"dgl-parallel sends tensors between ranks; this network's stage state is a {type(s).__name__}"
+                    )
+                shapes.append(tuple(s.shape[1:]))
+        net.train()
+        self.in_shape = shapes[self.stages[0]]
+        self.out_shape = shapes[self.stages[-1] + 1]
+        self.dtype = next(net.parameters()).dtype
+        o = cfg["optimizer"]
+        params = module_parameters(net, self.stages)
+        self.optimizer = build_optimizer(o["name"], net, params, **_kwargs(o))
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg["schedule"], self.epochs * self.steps_per_epoch, self.steps_per_epoch
+        )
+        # Keep only this rank's stages and heads; the rest of the network is freed.
+        self.net = net
+        self.own = nn.ModuleDict(
+            {f"stage{k}": net.stages[k] for k in self.stages} | {f"exit{k}": net.exits[k] for k in self.stages}
+        )
+        for k in range(net.num_exits):
+            if k not in self.stages:
+                net.stages[k] = nn.Identity()
+                net.exits[k] = nn.Identity()
+        net.to(device)
+        self.steps = 0
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return module_forward(self.net, self.stages, x)
+
+    def update(self, logits: list[Tensor], y: Tensor) -> Tensor:
+        """Same order as the trainer's step: the module's exit losses summed, backward, step, schedule."""
+        loss = torch.stack([F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits]).sum()
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return loss.detach()
+
+    def shard(self, epoch: int, buffer: ReplayBuffer | None) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "world": self.world,
+            "stages": list(self.stages),
+            "epoch": epoch,
+            "steps": self.steps,
+            "module": self.own.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "buffer": None if buffer is None else buffer.state_dict(),
+        }
+
+    def restore(self, shard: dict[str, Any], buffer: ReplayBuffer | None) -> None:
+        if shard["world"] != self.world or list(shard["stages"]) != list(self.stages):
+            raise ConfigError(f"checkpoint of rank {self.rank} was written for another partition of the network")
+        self.own.load_state_dict(shard["module"])
+        self.optimizer.load_state_dict(shard["optimizer"])
+        self.scheduler.load_state_dict(shard["scheduler"])
+        torch.set_rng_state(shard["rng"].cpu())
+        self.steps = int(shard["steps"])
+        if buffer is not None and shard["buffer"] is not None:
+            buffer.load_state_dict(shard["buffer"])
+
+
+# ---- point-to-point channel -----------------------------------------------------------------------------------
+class Channel:
+    """Typed messages between neighbouring ranks, every wait bounded by ``timeout`` seconds."""
+
+    def __init__(
+        self,
+        rank: int,
+        batch: int,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        timeout: float,
+        inflight: int,
+    ) -> None:
+        self.rank, self.batch, self.device, self.dtype = rank, batch, device, dtype
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.timeout = datetime.timedelta(seconds=float(timeout))
+        self.inflight = int(inflight)
+        self.sends: deque[tuple[Any, Any, Tensor, Tensor]] = deque()
+
+    def _wait(self, work: Any, peer: int, what: str) -> None:
+        try:
+            work.wait(timeout=self.timeout)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise PeerError(f"{what} rank {peer} failed: {first}") from None
+
+    def send(self, flag: int, epoch: int, y: Tensor | None, x: Tensor | None) -> None:
+        dst = self.rank + 1
+        header = torch.zeros(2 + self.batch, dtype=torch.long, device=self.device)
+        header[0], header[1] = flag, epoch
+        if y is not None:
+            header[2:] = y
+        act = (
+            x.contiguous()
+            if x is not None
+            else torch.zeros(self.batch, *self.out_shape, dtype=self.dtype, device=self.device)
+        )
+        try:
+            w1 = dist.isend(header, dst)
+            w2 = dist.isend(act, dst)
+        except RuntimeError as e:
+            raise PeerError(f"sending to rank {dst} failed: {str(e).strip().splitlines()[0][:160]}") from None
+        self.sends.append((w1, w2, header, act))  # keep the tensors alive until the sends complete
+        while len(self.sends) > self.inflight:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        w1, w2, _, _ = self.sends.popleft()
+        self._wait(w1, self.rank + 1, "sending to")
+        self._wait(w2, self.rank + 1, "sending to")
+
+    def flush(self) -> None:
+        while self.sends:
+            self._drain_one()
+
+    def post_recv(self) -> tuple[Any, Any, Tensor, Tensor]:
+        src = self.rank - 1
+        header = torch.empty(2 + self.batch, dtype=torch.long, device=self.device)
+        act = torch.empty(self.batch, *self.in_shape, dtype=self.dtype, device=self.device)
+        try:
+            return dist.irecv(header, src), dist.irecv(act, src), header, act
+        except RuntimeError as e:
+            raise PeerError(f"receiving from rank {src} failed: {str(e).strip().splitlines()[0][:160]}") from None
+
+    def complete(self, pending: tuple[Any, Any, Tensor, Tensor]) -> tuple[int, int, Tensor, Tensor]:
+        w1, w2, header, act = pending
+        self._wait(w1, self.rank - 1, "receiving from")
+        self._wait(w2, self.rank - 1, "receiving from")
+        h = header.tolist()[:2]
+        return int(h[0]), int(h[1]), header[2:], act
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------
+def _ckpt_dir(out: Path, epoch: int | None) -> Path:
+    return out / "checkpoints" / ("final" if epoch is None else f"epoch_{epoch:04d}")
+
+
+def latest_complete_epoch(out: Path) -> int | None:
+    """Newest epoch whose checkpoint has every rank's shard (marked ``COMPLETE`` by the last rank)."""
+    best = None
+    root = out / "checkpoints"
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.name.startswith("epoch_") and (d / "COMPLETE").is_file():
+                e = int(d.name.split("_")[1])
+                best = e if best is None or e > best else best
+    return best
+
+
+def _save_shard(rm: RankModule, out: Path, epoch: int | None, buffer: ReplayBuffer | None) -> None:
+    from anytrain.train.checkpoint import atomic_write_text, save_checkpoint
+
+    d = _ckpt_dir(out, epoch)
+    save_checkpoint(d / f"rank{rm.rank}.pt", rm.shard(-1 if epoch is None else epoch, buffer))
+    if rm.rank == rm.world - 1:  # the marker reached the last rank: every earlier shard is on disk
+        atomic_write_text(d / "COMPLETE", f"{rm.world}\n")
+
+
+def _fault(rank: int, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec:
+        r, _, s = spec.partition(":")
+        if int(r) == rank and int(s) == step:
+            print(f"rank {rank}: injected fault at step {step}", file=sys.stderr, flush=True)
+            os._exit(17)
+
+
+# ---- the per-rank loops -------------------------------------------------------------------------------------
+def _run_producer(rm: RankModule, ch: Channel | None, out: Path, start_epoch: int) -> None:
+    for epoch in range(start_epoch, rm.epochs):
+        rm.loader.set_epoch(epoch)
+        for x, y in rm.loader:
+            _fault(rm.rank, rm.steps)
+            z, logits = rm.forward(x)
+            if ch is not None:  # send first: the next rank starts while this one runs its backward pass
+                ch.send(DATA, epoch, y, z.detach())
+            rm.update(logits, y)
+        _save_shard(rm, out, epoch, None)
+        if ch is not None:
+            ch.send(MARK, epoch, None, None)
+    _save_shard(rm, out, None, None)
+    if ch is not None:
+        ch.send(END, rm.epochs, None, None)
+        ch.flush()
+
+
+def _consume_sync(rm: RankModule, ch: Channel, out: Path, last: bool) -> None:
+    pending = ch.post_recv()
+    while True:
+        flag, epoch, y, x = ch.complete(pending)
+        if flag != END:
+            pending = ch.post_recv()  # prefetch the next message while this one is processed
+        if flag == DATA:
+            _fault(rm.rank, rm.steps)
+            z, logits = rm.forward(x)
+            if not last:
+                ch.send(DATA, epoch, y, z.detach())
+            rm.update(logits, y)
+        elif flag == MARK:
+            _save_shard(rm, out, epoch, None)
+            if not last:
+                ch.send(MARK, epoch, None, None)
+        else:
+            _save_shard(rm, out, None, None)
+            if not last:
+                ch.send(END, epoch, None, None)
+            break
+    ch.flush()
+
+
+def _consume_replay(
+    rm: RankModule,
+    ch: Channel,
+    out: Path,
+    last: bool,
+    capacity: int,
+    timeout: float,
+    saved_buffer: dict[str, Any] | None,
+) -> None:
+    buf = ReplayBuffer(capacity, seed=rm.cfg["seed"] * 1000 + rm.rank)
+    if saved_buffer is not None:
+        buf.load_state_dict(saved_buffer)
+    control: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+    resume = threading.Event()
+    failure: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            while True:
+                flag, epoch, y, x = ch.complete(ch.post_recv())
+                if flag == DATA:
+                    buf.put(x, y)
+                    continue
+                control.put((flag, epoch))
+                if flag == END:
+                    return
+                # Pause at a marker until the shard is written, so the saved buffer is the pre-marker one.
+                if not resume.wait(timeout):
+                    raise PeerError(f"rank {rm.rank} did not checkpoint within {timeout:.0f}s")
+                resume.clear()
+        except BaseException as e:  # handed to the training thread, which exits non-zero
+            failure.append(e)
+
+    th = threading.Thread(target=receive, name=f"dgl-recv-{rm.rank}", daemon=True)
+    th.start()
+    epoch = 0
+    while True:
+        if failure:
+            raise failure[0]
+        try:
+            flag, epoch = control.get_nowait()
+        except queue.Empty:
+            flag = DATA
+        if flag == MARK:
+            _save_shard(rm, out, epoch, buf)
+            if not last:
+                ch.send(MARK, epoch, None, None)
+            resume.set()
+            continue
+        if flag == END:
+            _save_shard(rm, out, None, buf)
+            if not last:
+                ch.send(END, epoch, None, None)
+            break
+        got = buf.sample(timeout=0.05)
+        if got is None:  # nothing buffered yet; the receiver thread's own waits are bounded by the timeout
+            if not th.is_alive() and not failure and control.empty():
+                raise PeerError(f"the receiver of rank {rm.rank} stopped before the end of the data")
+            continue
+        x, y = got
+        _fault(rm.rank, rm.steps)
+        z, logits = rm.forward(x)
+        if not last:
+            ch.send(DATA, epoch, y, z.detach())
+        rm.update(logits, y)
+    ch.flush()
+    th.join(timeout)
+    (out / f"buffer_rank{rm.rank}.json").write_text(json.dumps(buf.stats()) + "\n")
+
+
+def _evaluate(cfg: dict[str, Any], out: Path, world: int, device: torch.device) -> dict[str, Any]:
+    """Rank 0, after every rank is done: assemble the final shards into the full network and evaluate it."""
+    from anytrain.data import load_dataset
+    from anytrain.eval.anytime import accuracy_per_exit, exit_logits
+    from anytrain.nets import build_model
+    from anytrain.train.checkpoint import load_checkpoint
+
+    d = cfg["data"]
+    data = load_dataset(
+        d["name"], data_dir=d.get("data_dir"), seed=cfg["seed"], num_samples=d.get("num_samples"), augment=False
+    )
+    net = build_model(
+        cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
+    )
+    full: dict[str, Tensor] = {}
+    for r in range(world):
+        shard = load_checkpoint(_ckpt_dir(out, None) / f"rank{r}.pt", map_location="cpu")
+        for key, v in shard["module"].items():
+            kind, _, rest = key.partition(".")
+            idx = int(kind.removeprefix("stage").removeprefix("exit"))
+            full[f"{'stages' if kind.startswith('stage') else 'exits'}.{idx}.{rest}"] = v
+    net.load_state_dict(full)
+    net.to(device)
+    logits = exit_logits(net, data.x_test.to(device), int(d.get("eval_batch_size", 1000)))
+    acc = accuracy_per_exit(logits, data.y_test.to(device))
+    return {"net": net, "acc": acc, "flops": net.flops_per_exit(data.input_shape)}
+
+
+def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
+    """Body of one rank (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` in the environment)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        dev_name = cfg["train"].get("device", "auto")
+        use_cuda = torch.cuda.is_available() and dev_name in ("auto", "cuda")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if cfg["train"].get("threads"):
+            torch.set_num_threads(int(cfg["train"]["threads"]))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=opts.timeout),
+        )
+    except Exception as e:
+        print(f"rank {rank}: cannot join the process group: {e}", file=sys.stderr, flush=True)
+        return PEER_FAILURE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        rm = RankModule(cfg, rank, world, device)
+        start_epoch = 0
+        saved_buffer = None
+        if opts.resume:
+            from anytrain.train.checkpoint import load_checkpoint
+
+            e = latest_complete_epoch(out)
+            if e is not None:
+                shard = load_checkpoint(_ckpt_dir(out, e) / f"rank{rank}.pt", map_location=device)
+                rm.restore(shard, None)
+                saved_buffer = shard["buffer"]
+                start_epoch = e + 1
+        ch = None
+        if world > 1:
+            ch = Channel(rank, rm.batch, rm.in_shape, rm.out_shape, rm.dtype, device, opts.timeout, opts.inflight)
+        dist.barrier()
+        t0 = time.perf_counter()
+        steps0 = rm.steps
+        if rank == 0:
+            _run_producer(rm, ch if world > 1 else None, out, start_epoch)
+        elif opts.buffer == 0:
+            assert ch is not None
+            _consume_sync(rm, ch, out, last=rank == world - 1)
+        else:
+            assert ch is not None
+            _consume_replay(rm, ch, out, rank == world - 1, opts.buffer, opts.timeout, saved_buffer)
+        seconds = time.perf_counter() - t0
+        stats = {
+            "rank": rank,
+            "stages": rm.stages,
+            "steps": rm.steps - steps0,
+            "seconds": seconds,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        (out / f"rank{rank}.json").write_text(json.dumps(stats) + "\n")
+        dist.barrier()  # every final shard is on disk
+        wall = time.perf_counter() - t0
+        if rank == 0:
+            _finish(cfg, out, world, device, opts, wall, start_epoch, rm)
+        dist.destroy_process_group()
+        return 0
+    except PeerError as e:
+        print(f"rank {rank}: {e}", file=sys.stderr, flush=True)
+        os._exit(PEER_FAILURE)  # do not wait for a broken process group to shut down
+    except ConfigError as e:
+        print(f"rank {rank}: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except Exception as e:
+        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def _finish(
+    cfg: dict[str, Any],
+    out: Path,
+    world: int,
+    device: torch.device,
+    opts: ParallelOptions,
+    wall: float,
+    start_epoch: int,
+    rm: RankModule,
+) -> None:
+    from anytrain.train.checkpoint import atomic_write_json, save_checkpoint
+
+    ev = _evaluate(cfg, out, world, device)
+    save_checkpoint(out / "model.pt", {"model": ev["net"].state_dict()})
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    samples = (rm.epochs - start_epoch) * rm.steps_per_epoch * rm.batch
+    metrics = {
+        "rule": "dgl",
+        "optimizer": cfg["optimizer"]["name"],
+        "dataset": cfg["data"]["name"],
+        "model": cfg["model"]["name"],
+        "epochs": rm.epochs,
+        "seed": cfg["seed"],
+        "exits": [{"index": k, "accuracy": a, "flops": int(f)} for k, (a, f) in enumerate(zip(ev["acc"], ev["flops"]))],
+        "parallel": {
+            "world_size": world,
+            "buffer": opts.buffer,
+            "backend": dist.get_backend(),
+            "partition": rm.partition,
+            "wall_seconds": wall,
+            "samples": samples,
+            "samples_per_second": samples / wall if wall > 0 else 0.0,
+            "ranks": ranks,
+        },
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    print(
+        f"dgl-parallel: {world} ranks, {samples / max(wall, 1e-9):.0f} samples/s; test accuracy per exit: "
+        + " ".join(f"{a:.3f}" for a in ev["acc"]),
+        flush=True,
+    )
+
+
+# ---- local launcher -----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def launch(worker_argv: list[str], nproc: int, env: dict[str, str] | None = None) -> int:
+    """Start ``nproc`` ranks of ``python -m anytrain.greedy.parallel WORKER_ARGV --worker`` on this machine and
+    watch them. Returns 0 if all succeed; otherwise names the first rank that failed, stops the others and
+    returns 1."""
+    port = _free_port()
+    base = dict(os.environ if env is None else env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc))
+    procs = []
+    for r in range(nproc):
+        e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "anytrain.greedy.parallel", *worker_argv, "--worker"], env=e)
+        )
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                # Several ranks may have exited by now; the cause is one that did not merely lose a peer.
+                r, c = min(failed, key=lambda rc: (rc[1] == PEER_FAILURE, rc[0]))
+                _stop(procs)
+                print(
+                    f"anytrain dgl-parallel: rank {r} failed (exit code {c}); stopped the other ranks",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        _stop(procs)
+        print("anytrain dgl-parallel: interrupted; stopped all ranks", file=sys.stderr, flush=True)
+        return 130
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def build_parser(prog: str = "anytrain dgl-parallel") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Decoupled greedy learning with one process per module "
+        "(torch.distributed: gloo on CPU, nccl on GPU).",
+    )
+    p.add_argument("config", nargs="?", help="YAML config (rule.name must be dgl)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--buffer", type=int, default=0, help="0: synchronous pipeline; M>0: replay buffer of M batches")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer before failing")
+    p.add_argument("--inflight", type=int, default=2, help="outstanding sends per rank")
+    p.add_argument("--nproc", type=int, default=None, help="processes to start (default: one per DGL module)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``anytrain dgl-parallel`` (local launcher) or one rank (``--worker`` / under torchrun)."""
+    from anytrain.config import dump_config, load_config
+    from anytrain.train.checkpoint import atomic_write_text
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if cfg["rule"]["name"] != "dgl":
+            raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg['rule']['name']!r}")
+        opts = ParallelOptions(buffer=args.buffer, timeout=args.timeout, inflight=args.inflight, resume=args.resume)
+        out = Path(args.out)
+        is_rank = args.worker or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+        if is_rank:
+            return worker(cfg, out, opts)
+        if out.exists() and any(out.iterdir()) and not args.resume:
+            raise ConfigError(f"run directory {out} exists and is not empty; use --resume or another --out")
+        if args.resume and (out / "checkpoints" / "final" / "COMPLETE").is_file():
+            raise ConfigError(f"run in {out} already finished")
+        nproc = args.nproc or _num_modules(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    except ConfigError as e:
+        print(f"anytrain dgl-parallel: {e}", file=sys.stderr)
+        return 2
+    worker_argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
+    return launch(worker_argv, nproc)
+
+
+def _num_modules(cfg: dict[str, Any]) -> int:
+    from anytrain.data import load_dataset
+    from anytrain.greedy.modules import partition_stages
+    from anytrain.nets import build_model
+
+    d = cfg["data"]
+    data = load_dataset(
+        d["name"], data_dir=d.get("data_dir"), seed=cfg["seed"], num_samples=d.get("num_samples"), augment=False
+    )
+    net = build_model(
+        cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
+    )
+    return len(partition_stages(net.num_exits, cfg["rule"].get("modules")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

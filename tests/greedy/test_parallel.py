@@ -1,0 +1,97 @@
+"""The multi-process DGL runner: equality with single-process DGL, dead rank → bounded non-zero exit, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from anytrain.config import load_config
+from anytrain.greedy.parallel import FAULT_ENV, latest_complete_epoch
+from anytrain.train import Trainer
+
+CONFIG = """\
+seed: 3
+data: {name: synthetic, batch_size: 32}
+model: {name: cnn1d-exits, exits: 2, width: 8}
+rule: {name: dgl}
+optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}
+schedule: {name: cosine}
+train: {epochs: 2, device: cpu, threads: 1, progress: false, tensorboard: false, plots: false}
+"""
+
+
+def run(cfg: Path, out: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 120):
+    e = dict(os.environ, **(env or {}))
+    t0 = time.monotonic()
+    p = subprocess.run(
+        [sys.executable, "-m", "anytrain.greedy.parallel", str(cfg), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+    )
+    return p, time.monotonic() - t0
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Single-process synchronous DGL through the trainer."""
+    d = tmp_path_factory.mktemp("dglp")
+    cfg = d / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    Trainer(load_config(cfg), d / "single").fit()
+    return cfg, weights(d / "single" / "checkpoint.pt")
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_single_process_dgl(reference, tmp_path: Path) -> None:
+    cfg, ref = reference
+    p, _ = run(cfg, tmp_path / "par")
+    assert p.returncode == 0, p.stderr[-2000:]
+    par = weights(tmp_path / "par" / "model.pt")
+    assert sorted(par) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(par[k], ref[k], rtol=0, atol=0, msg=k)
+    m = json.loads((tmp_path / "par" / "metrics.json").read_text())
+    assert [e["index"] for e in m["exits"]] == [0, 1] and m["parallel"]["world_size"] == 2
+    assert [r["steps"] for r in m["parallel"]["ranks"]] == [32, 32]  # 512 // 32 batches × 2 epochs, each once
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dead_rank_exits_nonzero_naming_it_then_resume_matches(reference, tmp_path: Path) -> None:
+    cfg, ref = reference
+    out = tmp_path / "par"
+    # rank 1 dies in the middle of epoch 1 (16 steps per epoch)
+    p, secs = run(cfg, out, "--timeout", "20", env={FAULT_ENV: "1:20"})
+    assert p.returncode != 0
+    assert "rank 1 failed" in p.stderr and secs < 60, (secs, p.stderr[-2000:])
+    assert latest_complete_epoch(out) == 0
+    p, _ = run(cfg, out, "--resume")
+    assert p.returncode == 0, p.stderr[-2000:]
+    par = weights(out / "model.pt")
+    for k in ref:
+        torch.testing.assert_close(par[k], ref[k], rtol=0, atol=0, msg=k)
+    # replay-buffer mode runs to the end of the data and shuts down cleanly
+    p, _ = run(cfg, tmp_path / "replay", "--buffer", "4")
+    assert p.returncode == 0, p.stderr[-2000:]
+    stats = json.loads((tmp_path / "replay" / "buffer_rank1.json").read_text())
+    assert stats["puts"] == 32 and stats["draws"] >= 1
+
+
+def test_bad_input_is_one_line_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG.replace("rule: {name: dgl}", "rule: {name: joint}"))
+    p, _ = run(cfg, tmp_path / "x")
+    assert p.returncode == 2 and "needs rule.name: dgl" in p.stderr and len(p.stderr.strip().splitlines()) == 1
