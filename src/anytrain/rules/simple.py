@@ -84,7 +84,7 @@ class AdaLoss(GradientRule):
 
     def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
         vec = scalar_losses(losses)
-        d = vec.detach()
+        d = self.reduce(vec.detach().clone())  # data-parallel: every rank averages the same (global) losses
         if self.avg is None:
             self.avg = torch.zeros_like(d)
         self.avg.mul_(self.beta).add_(d, alpha=1.0 - self.beta)

@@ -34,12 +34,13 @@ from anytrain.nets import StagedNet, build_model
 from anytrain.optim import build_optimizer
 from anytrain.registry import ConfigError
 from anytrain.rules import GradientRule, build_rule
+from anytrain.train import distributed as dp
 from anytrain.train.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from anytrain.train.schedule import build_scheduler
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss: the run stops and keeps its last good checkpoint."""
+    """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +129,11 @@ class Trainer:
         self.rule: GradientRule = c["rule"]
         self.optimizer: torch.optim.Optimizer = c["optimizer"]
         self.epochs = int(t["epochs"])
+        # Data parallelism (torchrun): each rank trains on its shard; only rank 0 writes (see train.distributed).
+        self.dist = dp.current_context()
+        self.grad_sync = dp.prepare(self.net, self.rule, self.optimizer, self.dist) if self.dist.enabled else None
+        self._params = [p for p in self.net.parameters() if p.requires_grad]
+        self._grads_ok: Tensor | None = None
         self.loader = BatchLoader(
             self.data.x_train,
             self.data.y_train,
@@ -137,6 +143,8 @@ class Trainer:
             augment=self.data.augment if cfg["data"].get("augment", True) else None,
             drop_last=True,
             device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         if len(self.loader) == 0:
             raise ConfigError(
@@ -205,6 +213,11 @@ class Trainer:
         logits = self.rule.forward(self.net, x)
         losses = [F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits]
         stats = self.rule.backward(self.net, losses)
+        if self.grad_sync is not None and not self.rule.reduces_own_grads:
+            gsum = self.grad_sync()  # one all-reduce of all gradients; its sum is finite iff every entry is
+            self._grads_ok = None if gsum is None else torch.isfinite(gsum)
+        else:  # one fused pass over the gradients (L1 norms), still no host sync
+            self._grads_ok = dp.grads_finite(self._params)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -226,9 +239,11 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t = self.cfg["train"]
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
-        if t.get("tensorboard", True):
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
+        if main and t.get("tensorboard", True):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step if self.step else None)
@@ -241,12 +256,12 @@ class Trainer:
                 self.net.train()
                 self.loader.set_epoch(epoch)
                 loss_sum = torch.zeros(K, device=self.device)
-                bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+                bad_step = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first bad (loss, grad)
                 bar = tqdm(
                     self.loader,
                     desc=f"epoch {epoch + 1}/{self.epochs}",
                     leave=False,
-                    disable=None if t.get("progress", True) else True,
+                    disable=None if t.get("progress", True) and main else True,
                     dynamic_ncols=True,
                 )
                 for i, (x, y) in enumerate(bar):
@@ -254,6 +269,8 @@ class Trainer:
                     loss_sum += losses
                     # Remember the first non-finite step without a host sync; it is checked at log points.
                     finite = torch.isfinite(losses).all()
+                    if self._grads_ok is not None:
+                        finite = torch.stack([finite, self._grads_ok])
                     bad_step = torch.where((bad_step < 0) & ~finite, self.step - 1, bad_step)
                     if (i + 1) % log_every == 0 or i + 1 == self.steps_per_epoch:
                         self._check_finite(bad_step, losses, epoch)
@@ -266,6 +283,7 @@ class Trainer:
                             if isinstance(v, Tensor) and v.numel() == 1:
                                 self._log(f"rule/{name}", float(v), self.step)
                 bar.close()
+                dp.average_(loss_sum)  # the global mean training loss (no-op single-process)
                 self._end_epoch(epoch, (loss_sum / self.steps_per_epoch).tolist())
         finally:
             if self.writer is not None:
@@ -275,16 +293,21 @@ class Trainer:
         return self.finish(time.perf_counter() - started)
 
     def _check_finite(self, bad_step: Tensor, losses: Tensor, epoch: int) -> None:
-        s = int(bad_step)
-        if s >= 0:
-            bad = [k for k, v in enumerate(losses.tolist()) if not math.isfinite(v)]
-            where = f"exit {bad[0]}" if bad else "an exit"
-            keep = (
-                f"the last good checkpoint ({self.checkpoint_path}) is kept"
-                if self.checkpoint_path.exists()
-                else "no checkpoint was written yet"
+        loss_step, grad_step = dp.first_bad_step(bad_step).tolist()  # every rank takes the same decision
+        if loss_step < 0 and grad_step < 0:
+            return
+        keep = (
+            f"the last good checkpoint ({self.checkpoint_path}) is kept"
+            if self.checkpoint_path.exists()
+            else "no checkpoint was written yet"
+        )
+        if loss_step < 0 or 0 <= grad_step < loss_step:
+            raise TrainingDiverged(
+                f"non-finite gradient at step {grad_step} (epoch {epoch + 1}) with finite exit losses; {keep}"
             )
-            raise TrainingDiverged(f"non-finite loss at step {s} (epoch {epoch + 1}) on {where}; {keep}")
+        bad = [k for k, v in enumerate(losses.tolist()) if not math.isfinite(v)]
+        where = f"exit {bad[0]}" if bad else "an exit"
+        raise TrainingDiverged(f"non-finite loss at step {loss_step} (epoch {epoch + 1}) on {where}; {keep}")
 
     def _extra_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -296,6 +319,8 @@ class Trainer:
         return out
 
     def _end_epoch(self, epoch: int, train_loss: list[float]) -> None:
+        if not self.dist.is_main:  # replicas are identical; rank 0 evaluates and writes
+            return
         ev = self.evaluate()
         acc = ev["acc"]
         rec: dict[str, Any] = {
@@ -326,6 +351,8 @@ class Trainer:
         tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  test acc per exit: {accs}")
 
     def finish(self, seconds: float) -> dict[str, Any]:
+        if not self.dist.is_main:
+            return {}
         ev = self.evaluate()
         acc = ev["acc"]
         conf = confidence_exit(ev["logits"], self.data.y_test, self.flops_stage, self.flops_head)
