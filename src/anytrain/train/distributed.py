@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -66,9 +65,7 @@ class DistContext:
 def current_context() -> DistContext:
     """The context of the initialized default process group (single-process if there is none)."""
     if dist.is_available() and dist.is_initialized():
-        return DistContext(
-            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        )
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     return DistContext()
 
 
