@@ -13,7 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from anytrain.optim.curvature import CurvatureCorrected
 from anytrain.registry import ConfigError, Registry
+
+__all__ = ["OPTIMIZERS", "CurvatureCorrected", "build_optimizer"]
 
 OPTIMIZERS: Registry = Registry("optimizer")
 
@@ -46,6 +49,12 @@ def _torch_optimizer(name: str) -> type[torch.optim.Optimizer] | None:
         ):
             return obj
     return None
+
+
+@OPTIMIZERS.register("curvature", "block-diagonal natural gradient with fractional exponent alpha (Huh 2020)")
+def _curvature(net: nn.Module, params: list[nn.Parameter], lr: float = 0.1, **kw: Any) -> torch.optim.Optimizer:
+    # only the layers whose weight is in `params` are preconditioned (one optimizer per module under DGL)
+    return CurvatureCorrected(net, lr=lr, params=params, **kw)
 
 
 def build_optimizer(
