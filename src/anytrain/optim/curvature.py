@@ -255,7 +255,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
         factor_every: T_f, steps between factor updates (hooks are live only on those steps).
         inverse_every: T_inv, steps between eigendecompositions.
         curvature: ``"empirical"``, ``"mc_fisher"`` or ``"gn_mse"`` (see the module docstring).
-        kl_clip: κ; ``None`` disables the cap on ``η² Σ⟨Δ, g⟩``.
+        kl_clip: κ; caps the quadratic KL estimate of the step, ``(ην)² Σ⟨Δ, g⟩ ≤ κ`` (``None``: no cap).
         eigh_dtype: ``"float64"`` to decompose the factors in double precision.
         seed: seed of the generator that samples labels for ``mc_fisher``.
 
