@@ -77,8 +77,15 @@ def eig_factor(factor: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor
     work = sym.to(dtype) if dtype is not None else sym
     try:
         d, q = torch.linalg.eigh(work)
-    except RuntimeError:  # LAPACK did not converge (pathological input): retry in float64
-        d, q = torch.linalg.eigh(work.double())
+    except RuntimeError:
+        if not bool(torch.isfinite(work).all()):
+            raise ValueError("curvature factor is not finite (the loss or the weights diverged)") from None
+        # LAPACK did not converge (clustered eigenvalues in float32): retry in float64 with a jitter
+        # of a few ulps of the trace, far below any damping that matters
+        work = work.double()
+        n = work.shape[-1]
+        jitter = 1e-13 * work.diagonal(dim1=-2, dim2=-1).sum(-1).abs().clamp_min(1e-300)[..., None, None]
+        d, q = torch.linalg.eigh(work + jitter * torch.eye(n, dtype=work.dtype, device=work.device))
     return d.clamp_min(0).to(factor.dtype), q.to(factor.dtype)
 
 
@@ -177,6 +184,11 @@ def layer_inputs(module: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
     return a
 
 
+def _stat(t: Tensor) -> Tensor:
+    """Statistics are accumulated in at least float32 (half-precision activations are upcast)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _output_rows(module: nn.Module, g: Tensor) -> Tensor:
     """Output gradients as rows ``(rows, out)`` (channels last for convolutions)."""
     if isinstance(module, nn.Linear):
@@ -194,8 +206,8 @@ def kron_factors_of_batch(
     tests and benchmarks.
     """
     with_bias = (getattr(module, "bias", None) is not None) if with_bias is None else with_bias
-    a = layer_inputs(module, x.float(), with_bias)
-    g = _output_rows(module, output_grad.float())
+    a = layer_inputs(module, _stat(x), with_bias)
+    g = _output_rows(module, _stat(output_grad))
     return a.T @ a / a.shape[0], (g.T @ g) * x.shape[0]
 
 
@@ -369,7 +381,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
         layer = self._by_module[id(module)]
         with torch.no_grad():
             x = inputs[0].detach()
-            a = layer_inputs(module, x.float(), layer.bias is not None)
+            a = layer_inputs(module, _stat(x), layer.bias is not None)
             cap = _Capture(batch=x.shape[0], aat=a.T @ a, rows=a.shape[0])
         layer.captures.append(cap)
 
@@ -414,7 +426,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
                 for (layer, cap), g in zip(pending, grads):
                     if g is not None:  # loss is a batch mean: δ = B·g, G = Σ δδᵀ / B = B Σ g gᵀ
-                        rows = _output_rows(layer.module, g.detach().float())
+                        rows = _output_rows(layer.module, _stat(g.detach()))
                         self._add_sampled(cap, (rows.T @ rows) * cap.batch)
             else:  # gn_mse: one backward per output coordinate, G = (1/B) Σ_b Σ_k J_bkᵀ J_bk
                 for o in outs:
@@ -423,7 +435,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
                         grads = torch.autograd.grad(flat[:, k].sum(), targets, retain_graph=True, allow_unused=True)
                         for (layer, cap), g in zip(pending, grads):
                             if g is not None:
-                                rows = _output_rows(layer.module, g.detach().float())
+                                rows = _output_rows(layer.module, _stat(g.detach()))
                                 self._add_sampled(cap, (rows.T @ rows) / cap.batch)
         finally:
             self._sampling = False
@@ -488,7 +500,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 elif c.grad_sum is not None:
                     if self.curvature != "empirical":
                         self._fallbacks += 1
-                    rows = _output_rows(layer.module, c.grad_sum.float())
+                    rows = _output_rows(layer.module, _stat(c.grad_sum))
                     g_new.append((rows.T @ rows) * c.batch)
             if a_new is None or not g_new:
                 continue  # layer not used (or no gradient reached it) on this step
