@@ -194,3 +194,30 @@ def test_sgl_first_phase_equals_training_first_module_alone() -> None:
         opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", ["dgl", "sgl"])
+def test_trainer_runs_greedy_rules_without_warnings(rule: str, tmp_path) -> None:
+    from anytrain.config import load_config
+    from anytrain.train import Trainer
+
+    cfg = load_config(
+        None,
+        [
+            "data.name=synthetic",
+            "data.batch_size=64",
+            "model.name=cnn1d-exits",
+            "model.exits=3",
+            "model.width=8",
+            "model.head=mlp-sr",
+            f"rule.name={rule}",
+            "train.epochs=3",
+            "train.device=cpu",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.plots=false",
+        ],
+    )
+    m = Trainer(cfg, tmp_path / "run").fit()
+    assert m["rule"] == rule and len(m["exits"]) == 3
+    assert all(0.0 <= e["accuracy"] <= 1.0 for e in m["exits"])

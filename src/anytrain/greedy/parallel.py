@@ -508,6 +508,11 @@ def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
         return PEER_FAILURE
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and not (out / "config.yaml").exists():  # under torchrun no launcher wrote it
+            from anytrain.config import dump_config
+            from anytrain.train.checkpoint import atomic_write_text
+
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
         rm = RankModule(cfg, rank, world, device)
         start_epoch = 0
         saved_buffer = None
