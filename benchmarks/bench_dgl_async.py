@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/dgl_async.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    grid = [(0, 1.0, 10)]  # baseline: all modules at full speed
+    grid = [(0, 1.0, 1), (0, 1.0, 10)]  # full speed: capacity 1 is exactly synchronous DGL; then replay
     grid += [(m, s, 10) for m in (0, 1) for s in (2.0, 4.0)]  # slow-down of the first / middle module
     grid += [(1, 2.0, b) for b in (1, 3, 30, 100)]  # buffer size at a 2x slower middle module
     out = Path(args.out)

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from anytrain.greedy.buffer import ReplayBuffer
 from anytrain.greedy.modules import Partition, module_forward
-from anytrain.nets.staged import detach_state
+from anytrain.nets.staged import StagedNet, detach_state
 
 
 @dataclass(kw_only=True)
@@ -78,7 +78,7 @@ def _epochs(loader: Any, epochs: int) -> Iterator[tuple[Tensor, Tensor]]:
 
 
 def train_async_dgl(
-    net: nn.Module,
+    net: StagedNet,
     partition: Partition,
     optimizers: Sequence[torch.optim.Optimizer | None],
     loader: Iterable[tuple[Tensor, Tensor]],

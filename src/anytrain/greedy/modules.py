@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from anytrain.nets.staged import detach_state
+from anytrain.nets.staged import StagedNet, detach_state
 
 Partition = list[list[int]]
 
@@ -61,7 +61,7 @@ def partition_stages(num_stages: int, modules: int | Sequence[int] | None = None
     return out
 
 
-def module_parameters(net: nn.Module, stages: Sequence[int]) -> list[nn.Parameter]:
+def module_parameters(net: StagedNet, stages: Sequence[int]) -> list[nn.Parameter]:
     """Parameters of a module: its stages and all their exit heads (trainable ones only)."""
     params: list[nn.Parameter] = []
     for k in stages:
@@ -70,7 +70,7 @@ def module_parameters(net: nn.Module, stages: Sequence[int]) -> list[nn.Paramete
     return params
 
 
-def module_forward(net: nn.Module, stages: Sequence[int], state: Any) -> tuple[Any, list[Tensor]]:
+def module_forward(net: StagedNet, stages: Sequence[int], state: Any) -> tuple[Any, list[Tensor]]:
     """Run one module on its input ``state``: returns the module's output state (not detached) and the logits
     of its exits, earliest first. Inner exits see detached features (probes); the last exit does not."""
     logits = []
@@ -81,7 +81,7 @@ def module_forward(net: nn.Module, stages: Sequence[int], state: Any) -> tuple[A
     return state, logits
 
 
-def decoupled_forward(net: nn.Module, partition: Partition, x: Tensor) -> list[Tensor]:
+def decoupled_forward(net: StagedNet, partition: Partition, x: Tensor) -> list[Tensor]:
     """Logits of every exit with the state detached at each module boundary (the DGL forward pass)."""
     logits: list[Tensor] = []
     state: Any = x
@@ -207,7 +207,7 @@ class ModuleOptimizers(torch.optim.Optimizer):
 
 
 def build_module_optimizers(
-    net: nn.Module, partition: Partition, factory: Callable[..., torch.optim.Optimizer]
+    net: StagedNet, partition: Partition, factory: Callable[..., torch.optim.Optimizer]
 ) -> ModuleOptimizers:
     """``factory(net, params_j)`` for each module ``j`` (``None`` where a module has no trainable parameters)."""
     opts = []

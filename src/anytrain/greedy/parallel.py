@@ -137,7 +137,7 @@ class RankModule:
         if getattr(rule, "name", "") != "dgl":
             raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg['rule']['name']!r}")
         rule.bind(net)
-        part = rule.partition
+        part = getattr(rule, "partition", None)
         assert part is not None
         if len(part) != world:
             raise ConfigError(
@@ -519,12 +519,12 @@ def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
         if opts.resume:
             from anytrain.train.checkpoint import load_checkpoint
 
-            e = latest_complete_epoch(out)
-            if e is not None:
-                shard = load_checkpoint(_ckpt_dir(out, e) / f"rank{rank}.pt", map_location=device)
+            last_epoch = latest_complete_epoch(out)
+            if last_epoch is not None:
+                shard = load_checkpoint(_ckpt_dir(out, last_epoch) / f"rank{rank}.pt", map_location=device)
                 rm.restore(shard, None)
                 saved_buffer = shard["buffer"]
-                start_epoch = e + 1
+                start_epoch = last_epoch + 1
         ch = None
         if world > 1:
             ch = Channel(rank, rm.batch, rm.in_shape, rm.out_shape, rm.dtype, device, opts.timeout, opts.inflight)

@@ -9,7 +9,7 @@ optimizer of ``anytrain.optim`` composes with them (DGL + curvature, DGL + SLBI)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from anytrain.greedy.modules import (
     module_forward,
     partition_stages,
 )
+from anytrain.nets.staged import StagedNet
 from anytrain.rules.base import GradientRule, OptimizerFactory, scalar_losses
 
 
@@ -41,7 +42,7 @@ class _Greedy(GradientRule):
         return self.partition
 
     def make_optimizer(self, net: nn.Module, factory: OptimizerFactory) -> torch.optim.Optimizer:
-        return build_module_optimizers(net, self._part(net), factory)
+        return build_module_optimizers(cast(StagedNet, net), self._part(net), factory)
 
     def extra_repr(self) -> str:
         return f"modules={self.modules}"
@@ -69,7 +70,7 @@ class DGL(_Greedy):
     name = "dgl"
 
     def forward(self, net: nn.Module, x: Tensor) -> list[Tensor]:
-        return decoupled_forward(net, self._part(net), x)
+        return decoupled_forward(cast(StagedNet, net), self._part(net), x)
 
     def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
         vec = scalar_losses(losses)
@@ -145,7 +146,8 @@ class SGL(_Greedy):
         self.epoch = int(epoch)
         self.active = self.module_at(int(epoch), int(epochs), len(self.partition))
 
-    def forward(self, net: nn.Module, x: Tensor) -> list[Tensor]:
+    def forward(self, module: nn.Module, x: Tensor) -> list[Tensor]:
+        net = cast(StagedNet, module)
         part = self._part(net)
         logits: list[Tensor] = []
         state: Any = x
