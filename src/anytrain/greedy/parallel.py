@@ -708,7 +708,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"anytrain dgl-parallel: {e}", file=sys.stderr)
         return 2
-    worker_argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
+    # Rebuilt from the parsed options, so it does not matter how the caller's argv looked.
+    worker_argv = [str(args.config)] if args.config else []
+    for item in args.set:
+        worker_argv += ["--set", item]
+    worker_argv += [
+        "--out",
+        str(out),
+        "--buffer",
+        str(opts.buffer),
+        "--timeout",
+        str(opts.timeout),
+        "--inflight",
+        str(opts.inflight),
+    ] + (["--resume"] if opts.resume else [])
     return launch(worker_argv, nproc)
 
 
