@@ -124,6 +124,7 @@ class RankModule:
         # Same construction order as the trainer (data, then seed, then model) so the weights start equal.
         data = load_dataset(
             d["name"],
+            **(d.get("options") or {}),
             data_dir=d.get("data_dir"),
             seed=cfg["seed"],
             num_samples=d.get("num_samples"),
@@ -467,7 +468,12 @@ def _evaluate(cfg: dict[str, Any], out: Path, world: int, device: torch.device) 
 
     d = cfg["data"]
     data = load_dataset(
-        d["name"], data_dir=d.get("data_dir"), seed=cfg["seed"], num_samples=d.get("num_samples"), augment=False
+        d["name"],
+        **(d.get("options") or {}),
+        data_dir=d.get("data_dir"),
+        seed=cfg["seed"],
+        num_samples=d.get("num_samples"),
+        augment=False,
     )
     net = build_model(
         cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
@@ -732,7 +738,12 @@ def _num_modules(cfg: dict[str, Any]) -> int:
 
     d = cfg["data"]
     data = load_dataset(
-        d["name"], data_dir=d.get("data_dir"), seed=cfg["seed"], num_samples=d.get("num_samples"), augment=False
+        d["name"],
+        **(d.get("options") or {}),
+        data_dir=d.get("data_dir"),
+        seed=cfg["seed"],
+        num_samples=d.get("num_samples"),
+        augment=False,
     )
     net = build_model(
         cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
