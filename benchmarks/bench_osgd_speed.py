@@ -123,10 +123,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default="benchmarks/results/osgd_speed.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    reps, warm = (5, 2) if a.quick else (30, 5)
+    reps, warm = (5, 2) if a.quick else (a.reps, 5)
     cases = [("cnn1d-exits", 4), ("cnn1d-exits", 8), ("nested-width", 4)]
     results = {"machine": f"CPU ({platform.processor() or platform.machine()}), 1 thread, shared with other jobs",
                "torch": torch.__version__, "batch": a.batch, "reps": reps, "steps": {}, "gramian": {}}

@@ -14,7 +14,13 @@ from torch import nn
 from anytrain.nets import StagedNet, build_model
 from anytrain.optim import OPTIMIZERS, build_optimizer
 from anytrain.rules import OSGD, build_rule, orthogonalize, osgd_weights
-from anytrain.rules.osgd import OSGDAggregator, OSGDWeighting, osgd_coefficients, segment_grams
+from anytrain.rules.osgd import (
+    OSGDAggregator,
+    OSGDWeighting,
+    combine_segments,
+    osgd_coefficients,
+    segment_grams,
+)
 
 F = nn.functional
 
@@ -213,14 +219,18 @@ def test_per_tensor_rule_orthogonalizes_each_tensor():
 def test_segment_grams_match_loop():
     G = torch.randn(3, 10, dtype=torch.float64)
     seg = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
-    G[0, 4:] = 0.0  # exit 0 reaches only the first 4 columns
-    G[1, 7:] = 0.0
-    grams = segment_grams(G, seg, 3)
-    pruned = segment_grams(G, seg, 3, support=[4, 7, 10])
+    G[0, 5:] = 0.0  # exits 0 and 1 reach only the first two tensors (5 columns)
+    G[1, 5:] = 0.0
+    grams = segment_grams(G, [3, 2, 5])
+    pruned = segment_grams(G, [3, 2, 5], support=[5, 5, 10])
     for t in range(3):
         Gt = G[:, seg == t]
         torch.testing.assert_close(grams[t], Gt @ Gt.T)
         torch.testing.assert_close(pruned[t], Gt @ Gt.T)
+    W = torch.randn(3, 3, dtype=torch.float64)
+    expect = (W[seg].T * G).sum(0)
+    torch.testing.assert_close(combine_segments(W, G, torch.tensor([3, 2, 5])), expect)
+    torch.testing.assert_close(combine_segments(W, G, torch.tensor([3, 2, 5]), support=[5, 5, 10]), expect)
 
 
 def test_one_exit_equals_plain_backprop_over_steps():

@@ -23,6 +23,7 @@ SGD); this module is our implementation of it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -236,24 +237,46 @@ def scale_grad(state: Any, w: Tensor) -> Any:
     return tree_map(lambda t: _ScaleGrad.apply(t, w) if isinstance(t, Tensor) and t.requires_grad else t, state)
 
 
-def segment_grams(G: Tensor, seg: Tensor, num_segments: int, support: Sequence[int] | None = None) -> Tensor:
-    """Per-tensor Gram matrices ``T×K×K`` of a ``K×P`` matrix whose columns belong to segments ``seg``.
+def segment_grams(
+    G: Tensor, numels: Sequence[int], support: Sequence[int] | None = None, lengths: Tensor | None = None
+) -> Tensor:
+    """Per-tensor Gram matrices ``T×K×K`` of a ``K×P`` matrix whose columns form ``T`` contiguous segments of
+    ``numels`` columns (one per parameter tensor); ``lengths`` is the same as a tensor on ``G``'s device.
 
-    Loops over K (not over tensors): row ``i`` of every Gram is one ``index_add`` of ``g_i ⊙ g_j`` (``j ≥ i``,
+    Loops over K (not over tensors): row ``i`` of every Gram is one segment sum of ``g_i ⊙ g_j`` (``j ≥ i``,
     mirrored by symmetry). ``support[i]``, if given, says row ``i`` is zero beyond that column (exit ``i``
-    only reaches stages ``≤ i``), which skips the products that are known to vanish.
+    only reaches stages ``≤ i``) and must be a segment boundary; the products known to vanish are skipped.
     """
     K, P = G.shape
-    out = torch.zeros(num_segments, K, K, dtype=G.dtype, device=G.device)
+    T = len(numels)
+    if lengths is None:
+        lengths = torch.tensor(list(numels), device=G.device)
+    ends = list(itertools.accumulate(int(n) for n in numels))  # host ints: no device sync
+    out = torch.zeros(T, K, K, dtype=G.dtype, device=G.device)
     for i in range(K):
         n = P if support is None else int(support[i])
         if n == 0:
             continue
-        prod = G[i:, :n] * G[i, :n]  # (K−i)×n
-        blk = torch.zeros(K - i, num_segments, dtype=G.dtype, device=G.device).index_add_(1, seg[:n], prod)
-        out[:, i, i:] = blk.T
-        out[:, i + 1 :, i] = blk[1:].T
+        cnt = T if n == P else ends.index(n) + 1
+        prod = (G[i:, :n] * G[i, :n]).T  # n×(K−i)
+        blk = torch.segment_reduce(prod, "sum", lengths=lengths[:cnt], axis=0, unsafe=True)
+        out[:cnt, i, i:] = blk
+        out[:cnt, i + 1 :, i] = blk[:, 1:]
     return out
+
+
+def combine_segments(W: Tensor, G: Tensor, lengths: Tensor, support: Sequence[int] | None = None) -> Tensor:
+    """``d[p] = Σ_k W[t(p), k] G[k, p]`` for per-segment weights ``W`` (``T×K``), touching only each row's
+    support."""
+    K, P = G.shape
+    d = torch.zeros(P, dtype=G.dtype, device=G.device)
+    for k in range(K):
+        n = P if support is None else int(support[k])
+        if n == 0:
+            continue
+        wk = torch.repeat_interleave(W[:, k].to(G.dtype), lengths, output_size=P)[:n]
+        d[:n].addcmul_(wk, G[k, :n])
+    return d
 
 
 class OSGD(GradientRule):
@@ -331,10 +354,9 @@ class OSGD(GradientRule):
             self._seg = None
         return self._part
 
-    def _segments(self, part: ExitPartition, device: torch.device) -> Tensor:
+    def _lengths(self, part: ExitPartition, device: torch.device) -> Tensor:
         if self._seg is None or self._seg.device != device:
-            sizes = torch.tensor(part.numels, device=device)
-            self._seg = torch.repeat_interleave(torch.arange(len(part.numels), device=device), sizes)
+            self._seg = torch.tensor(part.numels, device=device)  # cached: no host-to-device copy per step
         return self._seg
 
     def _refresh_due(self) -> bool:
@@ -351,7 +373,8 @@ class OSGD(GradientRule):
             return super().forward(net, x)
         assert self.weights is not None
         w = self.weights
-        out = [head(scale_grad(s, w[k])) for k, (head, s) in enumerate(zip(exits, net.states(x)))]
+        states = net.states(x)  # type: ignore[operator]
+        out = [head(scale_grad(s, w[k])) for k, (head, s) in enumerate(zip(exits, states))]
         self._scaled_forward = True
         return out
 
@@ -376,11 +399,11 @@ class OSGD(GradientRule):
             if self.amortize > 1:
                 self.weights = w.detach()
         else:
-            seg = self._segments(part, G.device)
-            grams = segment_grams(G, seg, len(part.numels), part.trunk_offset)  # T×K×K
+            lengths = self._lengths(part, G.device)
+            grams = segment_grams(G, part.numels, part.trunk_offset, lengths)  # T×K×K
             C, sq = osgd_coefficients(grams, self.rtol)
             W = _weights_from(C, sq, grams, self.rescale)  # T×K
-            direction = (W.T[:, seg] * G).sum(0)
+            direction = combine_segments(W, G, lengths, part.trunk_offset)
             kept = (sq > 0).to(G.dtype).mean(0).sum()  # mean over tensors of the number of kept rows
         write_flat(part, direction, head_grads)
         return {"loss": total, "osgd/kept": kept.to(total.dtype)}
