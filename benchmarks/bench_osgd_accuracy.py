@@ -110,7 +110,10 @@ def summarize(results: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[(r["net"], r["rule"])].append(r)
-    lines = ["| net | rule | seeds | acc per exit (mean ± std, %) | mean exit acc | AUC acc-vs-FLOPs |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| net | rule | seeds | acc per exit (mean ± std, %) | mean exit acc | AUC acc-vs-FLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
     for (net, rule), rs in sorted(groups.items()):
         K = len(rs[0]["acc"])
         per = []
@@ -127,6 +130,26 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def target_check(results: list[dict]) -> str:
+    """The issue's target: OSGD beats joint on mean exit accuracy and on the earliest exit, beyond one std."""
+    out = []
+    for net in sorted({r["net"] for r in results}):
+
+        def stats(rule, f, net=net):
+            v = [f(r["acc"]) for r in results if r["net"] == net and r["rule"] == rule]
+            return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else None
+
+        for f, what in ((lambda a: statistics.mean(a), "mean exit"), (lambda a: a[0], "earliest exit")):
+            o, j = stats("osgd", f), stats("joint", f)
+            if o and j:
+                beat = o[0] - o[1] > j[0] + j[1]
+                out.append(
+                    f"{net}: {what} osgd {100 * o[0]:.1f}±{100 * o[1]:.1f} vs joint "
+                    f"{100 * j[0]:.1f}±{100 * j[1]:.1f} -> {'MET' if beat else 'not met'}"
+                )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=30)
@@ -135,7 +158,13 @@ def main() -> None:
     ap.add_argument("--rules", nargs="+", default=list(RULES) + ["independent"])
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--out", default="benchmarks/results/osgd_accuracy.json")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON", help="only print the table of these result files")
     a = ap.parse_args()
+    if a.summarize:
+        runs = [r for f in a.summarize for r in json.loads(Path(f).read_text())["runs"] if r["epochs"] == a.epochs]
+        print(summarize(runs))
+        print(target_check(runs))
+        return
     torch.set_num_threads(1)
     data = load_dataset("mnist1d", seed=0)
     out = Path(a.out)
@@ -149,19 +178,26 @@ def main() -> None:
                 if rule_key == "independent":
                     K = make_net(net_key, data.num_classes).num_exits
                     parts = [train(net_key, rule_key, seed, a.epochs, data, a.lr, only_exit=k) for k in range(K)]
-                    r = {"acc": [p["acc"][-1] for p in parts], "flops": parts[-1]["flops"],
-                         "seconds": sum(p["seconds"] for p in parts)}
+                    r = {
+                        "acc": [p["acc"][-1] for p in parts],
+                        "flops": parts[-1]["flops"],
+                        "seconds": sum(p["seconds"] for p in parts),
+                    }
                 else:
                     r = train(net_key, rule_key, seed, a.epochs, data, a.lr)
                 r.update(net=net_key, rule=rule_key, seed=seed, epochs=a.epochs)
                 results.append(r)
-                print(f"{net_key:20s} {rule_key:18s} seed {seed}: acc {[round(v, 3) for v in r['acc']]} "
-                      f"({r['seconds']:.0f}s)", flush=True)
+                print(
+                    f"{net_key:20s} {rule_key:18s} seed {seed}: acc {[round(v, 3) for v in r['acc']]} "
+                    f"({r['seconds']:.0f}s)",
+                    flush=True,
+                )
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"machine": "CPU, 1 thread, shared with other jobs", "runs": results}))
                 tmp.replace(out)
     print(summarize([r for r in results if r["epochs"] == a.epochs]))
+    print(target_check([r for r in results if r["epochs"] == a.epochs]))
 
 
 if __name__ == "__main__":

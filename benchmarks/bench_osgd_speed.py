@@ -129,8 +129,14 @@ def main() -> None:
     torch.set_num_threads(1)
     reps, warm = (5, 2) if a.quick else (a.reps, 5)
     cases = [("cnn1d-exits", 4), ("cnn1d-exits", 8), ("nested-width", 4)]
-    results = {"machine": f"CPU ({platform.processor() or platform.machine()}), 1 thread, shared with other jobs",
-               "torch": torch.__version__, "batch": a.batch, "reps": reps, "steps": {}, "gramian": {}}
+    results = {
+        "machine": f"CPU ({platform.processor() or platform.machine()}), 1 thread, shared with other jobs",
+        "torch": torch.__version__,
+        "batch": a.batch,
+        "reps": reps,
+        "steps": {},
+        "gramian": {},
+    }
     for name, K in cases:
         r = _bench(step_fns(name, K, a.batch), reps, warm)
         key = f"{name} K={K}"
