@@ -6,6 +6,7 @@ afterwards (a loadable checkpoint, the same final weights after ``--resume``, an
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -47,51 +48,54 @@ def snapshot(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "anytrain.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
-
-
 def model_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoint.pt")["model"]
 
 
 # ---- SIGKILL at random points ------------------------------------------------------------------------------
+EPOCHS = 4
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], float]:
-    """An uninterrupted run (same code path: a subprocess) and its duration."""
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The final weights of an uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    t0 = time.perf_counter()
-    res = cli("train", *sets(RUN), "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    return model_tensors(out), time.perf_counter() - t0
+    assert main(["train", *sets(RUN), "--out", str(out)]) == 0
+    return model_tensors(out)
 
 
-def kill_and_resume(tmp_path: Path, delay: float, reference: dict[str, torch.Tensor]) -> str:
+def _epochs_done(out: Path) -> int:
+    try:
+        return len(json.loads((out / "history.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def kill_and_resume(tmp_path: Path, target: int, jitter: float, reference: dict[str, torch.Tensor]) -> str:
+    """Start a training subprocess, SIGKILL it ``jitter`` seconds after it finished ``target`` epochs (``target
+    = -1``: ``jitter`` seconds after start, usually while the interpreter is still importing), then check the
+    run directory and finish the run with ``--resume`` (or a fresh start when no checkpoint was written)."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "anytrain.cli", "train", *sets(RUN), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + 120
+    while target >= 0 and _epochs_done(out) < target + 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(jitter)
+    if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
     ck = out / "checkpoint.pt"
     if (out / "metrics.json").is_file():
-        outcome = "finished"
+        outcome = "finished before the kill"
     elif ck.is_file():
         epoch = load_checkpoint(ck)["epoch"]  # loadable, with a sane epoch
-        assert 0 <= epoch < 4
-        res = cli("train", "--resume", str(out))
-        assert res.returncode == 0, res.stderr
+        assert 0 <= epoch < EPOCHS
+        assert main(["train", "--resume", str(out)]) == 0
         outcome = f"resumed after epoch {epoch + 1}"
     else:  # killed before the first epoch ended: nothing to resume; a fresh start must work
-        assert not any(p.name == "checkpoint.pt" for p in out.rglob("*")) if out.exists() else True
-        res = cli("train", *sets(RUN), "--out", str(out), "--overwrite")
-        assert res.returncode == 0, res.stderr
+        assert main(["train", *sets(RUN), "--out", str(out), "--overwrite"]) == 0
         outcome = "restarted"
     got = model_tensors(out)
     assert got.keys() == reference.keys()
@@ -100,25 +104,24 @@ def kill_and_resume(tmp_path: Path, delay: float, reference: dict[str, torch.Ten
     return outcome
 
 
-def _delays(n: int, duration: float, seed: int) -> list[float]:
-    """Kill times spread over the run (stratified, jittered): from interpreter start-up to the last epoch."""
+def _plan(n: int, seed: int) -> list[tuple[int, float]]:
+    """Kill points spread over the run: before the first checkpoint and after each epoch, with random jitter
+    (so the kill may land while a checkpoint, best.pt or history.json is being written)."""
     rng = random.Random(seed)
-    return [duration * (i + rng.random()) / n for i in range(n)]
+    return [((i % (EPOCHS + 1)) - 1, rng.uniform(0.0, 0.25 if i % (EPOCHS + 1) else 3.0)) for i in range(n)]
 
 
 @pytest.mark.parametrize("trial", range(3))
 def test_sigkill_then_resume_reaches_same_weights(tmp_path, reference, trial):
-    ref, duration = reference
-    delay = _delays(3, duration, seed=1)[trial]
-    kill_and_resume(tmp_path, delay, ref)
+    target, jitter = _plan(5, seed=1)[[0, 2, 4][trial]]
+    kill_and_resume(tmp_path, target, jitter, reference)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(20))
 def test_sigkill_then_resume_many(tmp_path, reference, trial):
-    ref, duration = reference
-    delay = _delays(20, duration, seed=2)[trial]
-    kill_and_resume(tmp_path, delay, ref)
+    target, jitter = _plan(20, seed=2)[trial]
+    kill_and_resume(tmp_path, target, jitter, reference)
 
 
 # ---- hostile checkpoints through the CLI --------------------------------------------------------------------
