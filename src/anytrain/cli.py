@@ -39,7 +39,6 @@ def _table(metrics: dict[str, Any]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from anytrain.config import load_config
-    from anytrain.train.trainer import Trainer, TrainingDiverged, build_components
 
     if args.resume:
         run = Path(args.resume)
@@ -59,17 +58,56 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not args.overwrite:
                 what = "a finished run" if finished else "files (an unfinished run? use --resume)"
                 return _fail(f"output directory {out} already holds {what}; pass --overwrite to replace it")
-    comps = build_components(cfg)  # all input errors surface here, before the run directory is touched
-    if not args.resume and args.overwrite and out.exists():
+    from anytrain.train import distributed as dp
+
+    # Launched by torchrun (WORLD_SIZE > 1): join the process group; every rank runs this same function.
+    ctx = dp.init_from_env(str(cfg["train"]["device"]))
+    try:
+        return _train_run(cfg, out, args, ctx)
+    finally:
+        dp.shutdown()
+
+
+def _train_run(cfg: dict[str, Any], out: Path, args: argparse.Namespace, ctx: Any) -> int:
+    import torch
+
+    from anytrain.train import distributed as dp
+    from anytrain.train.trainer import Trainer, TrainingDiverged, build_components
+
+    device = None
+    if ctx.enabled and _wants_cuda(cfg):
+        device = torch.device("cuda", ctx.local_rank)
+    err: str | None = None
+    trainer = None
+    try:
+        comps = build_components(cfg, device)  # all input errors surface here, before the run directory is touched
+    except ConfigError as e:
+        err = str(e)
+    if not dp.all_agree(err is None):  # every rank stops if any rank failed (no rank left waiting)
+        return _fail(err or "another rank failed to start (see its message)")
+    if ctx.is_main and not args.resume and args.overwrite and out.exists():
         shutil.rmtree(out)
-    trainer = Trainer(cfg, out, resume=bool(args.resume), components=comps)
+    try:
+        trainer = Trainer(cfg, out, resume=bool(args.resume), components=comps)
+    except ConfigError as e:
+        err = str(e)
+    if not dp.all_agree(err is None) or trainer is None:
+        return _fail(err or "another rank failed to start (see its message)")
     try:
         metrics = trainer.fit()
     except TrainingDiverged as e:
         return _fail(str(e), EXIT_DIVERGED)
-    print(_table(metrics))
-    print(f"run directory: {out}")
+    if ctx.is_main:
+        print(_table(metrics))
+        print(f"run directory: {out}" + (f" ({ctx.world_size} data-parallel ranks)" if ctx.enabled else ""))
     return 0
+
+
+def _wants_cuda(cfg: dict[str, Any]) -> bool:
+    import torch
+
+    dev = str(cfg["train"]["device"])
+    return dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
