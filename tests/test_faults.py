@@ -140,7 +140,9 @@ def _unfinished_run(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", ["truncated", "garbage", "foreign", "evil", "tagged-but-empty", "other-net"])
+@pytest.mark.parametrize(
+    "kind", ["truncated", "garbage", "foreign", "evil", "tagged-but-empty", "missing-rng", "mistyped", "other-net"]
+)
 def test_bad_checkpoint_on_resume_is_one_line_and_touches_nothing(tmp_path, capsys, kind):
     out = _unfinished_run(tmp_path)
     capsys.readouterr()
@@ -158,6 +160,13 @@ def test_bad_checkpoint_on_resume_is_one_line_and_touches_nothing(tmp_path, caps
             torch.load(ck, weights_only=True)
     elif kind == "tagged-but-empty":
         save_checkpoint(ck, {"epoch": 0})
+    elif kind in ("missing-rng", "mistyped"):
+        payload = {k: v for k, v in load_checkpoint(ck).items() if k != "format"}
+        if kind == "missing-rng":
+            del payload["rng"]
+        else:
+            payload["epoch"] = [1, 2]
+        save_checkpoint(ck, payload)
     else:  # a real checkpoint of another architecture
         other = tmp_path / "other"
         assert main(["train", *sets([*RUN, "train.epochs=1", "model.width=4"]), "--out", str(other)]) == 0

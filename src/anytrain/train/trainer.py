@@ -189,21 +189,23 @@ class Trainer:
 
     def _restore(self) -> None:
         ck = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        # Everything read from the file is inside the try: a tagged checkpoint with missing or mistyped entries
+        # is a one-line error too (nothing has been written yet, so the run directory is untouched).
         try:
             self.net.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.rule.load_state_dict(ck["rule"])
-        except (KeyError, RuntimeError, ValueError) as e:
+            torch.set_rng_state(ck["rng"]["torch"].cpu())
+            if "cuda" in ck["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu(), self.device)
+            self.start_epoch = int(ck["epoch"]) + 1
+            self.step = int(ck["step"])
+            self.history = list(ck["history"])
+            self.best_score = float(ck["best_score"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ConfigError(f"checkpoint {self.checkpoint_path} does not match this config: {first}") from None
-        torch.set_rng_state(ck["rng"]["torch"].cpu())
-        if "cuda" in ck["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu(), self.device)
-        self.start_epoch = int(ck["epoch"]) + 1
-        self.step = int(ck["step"])
-        self.history = list(ck["history"])
-        self.best_score = float(ck["best_score"])
 
     # ---- one step ---------------------------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
