@@ -449,3 +449,27 @@ def test_state_dict_round_trip_is_exact(curvature: str) -> None:
     train(net3, opt3, batches[5:])
     for pa, pb in zip(net.parameters(), net3.parameters()):
         assert torch.equal(pa, pb)
+
+
+# ---- agreement with a reference K-FAC implementation (benchmark-only dependency) ---------------------------
+def test_factors_agree_with_curvlinops_kfac() -> None:
+    curvlinops = pytest.importorskip("curvlinops")
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 4))
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 4, (16,))
+    ref = curvlinops.KFACLinearOperator(
+        net,
+        nn.CrossEntropyLoss(),
+        list(net.parameters()),
+        [(x, y)],
+        fisher_type="empirical",
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+    ref.compute_kronecker_factors()
+    opt = CurvatureCorrected(net, lr=0.0, factor_every=1, inverse_every=1)
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    for key, layer in zip(("0", "3"), opt.layers):
+        torch.testing.assert_close(opt.state[layer.weight]["A"], ref._input_covariances[key])
+        torch.testing.assert_close(opt.state[layer.weight]["G"], ref._gradient_covariances[key])
