@@ -1,0 +1,18 @@
+"""The docstring examples of the greedy modules and heads run and give what they show."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+
+import anytrain.greedy.buffer
+import anytrain.greedy.modules
+import anytrain.nets.heads
+
+
+@pytest.mark.parametrize("mod", [anytrain.greedy.buffer, anytrain.greedy.modules, anytrain.nets.heads])
+def test_docstring_examples(mod) -> None:
+    res = doctest.testmod(mod, extraglobs={"torch": torch})
+    assert res.attempted > 0 and res.failed == 0
