@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from anytrain.optim.curvature import CurvatureCorrected
+from anytrain.optim.slbi import SLBI, slbi_param_groups
 from anytrain.registry import ConfigError, Registry
 
-__all__ = ["OPTIMIZERS", "CurvatureCorrected", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "SLBI", "CurvatureCorrected", "build_optimizer"]
 
 OPTIMIZERS: Registry = Registry("optimizer")
 
@@ -56,6 +57,22 @@ def _curvature(net: nn.Module, params: list[nn.Parameter], lr: float = 0.1, **kw
     # only the layers whose weight is in `params` are preconditioned (one optimizer per module under DGL)
     return CurvatureCorrected(net, lr=lr, params=params, **kw)
 
+
+
+@OPTIMIZERS.register("slbi", "DessiLBI / Split LBI: sparse regularization path on trunk conv/linear weights")
+def _slbi(
+    net: nn.Module,
+    params: list[nn.Parameter],
+    lr: float = 0.1,
+    conv: str = "group",
+    linear: str = "lasso",
+    group_by: str = "out",
+    heads: bool = False,
+    **kw: Any,
+) -> torch.optim.Optimizer:
+    # trunk conv weights: group lasso per filter; trunk linear weights: lasso; heads, biases, norms: plain step
+    groups = slbi_param_groups(net, params, conv=conv, linear=linear, group_by=group_by, heads=heads)
+    return SLBI(groups, lr=lr, **kw)
 
 def build_optimizer(
     name: str, net: nn.Module, params: list[nn.Parameter] | None = None, **hparams: Any
