@@ -95,3 +95,14 @@ def test_bad_input_is_one_line_error(tmp_path: Path) -> None:
     cfg.write_text(CONFIG.replace("rule: {name: dgl}", "rule: {name: joint}"))
     p, _ = run(cfg, tmp_path / "x")
     assert p.returncode == 2 and "needs rule.name: dgl" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_hanging_rank_is_named_and_job_ends_within_timeout(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    p, secs = run(cfg, tmp_path / "par", "--timeout", "5", env={FAULT_ENV: "1:3:hang"})
+    assert p.returncode != 0
+    assert "rank 1 died or stopped responding" in p.stderr, p.stderr[-2000:]
+    assert secs < 60

@@ -67,8 +67,9 @@ from anytrain.greedy.modules import module_forward, module_parameters
 from anytrain.registry import ConfigError
 
 DATA, MARK, END = 1, 2, 0
-PEER_FAILURE = 3  # exit code of a rank that stopped because a peer failed or timed out
-FAULT_ENV = "ANYTRAIN_DGL_FAULT"  # "rank:step": that rank dies at that step (fault-injection for tests)
+PEER_FAILURE = 3  # exit code of a rank that stopped because a peer failed (peer unknown)
+PEER_BASE = 64  # exit code PEER_BASE + p: this rank stopped because peer rank p died or stopped answering
+FAULT_ENV = "ANYTRAIN_DGL_FAULT"  # "rank:step[:hang]": that rank dies (or hangs) at that step; for tests
 
 
 @dataclass(kw_only=True)
@@ -98,6 +99,14 @@ class ParallelOptions:
 
 class PeerError(RuntimeError):
     """A peer rank died, closed its connection or did not answer within the timeout."""
+
+    def __init__(self, message: str, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+    @property
+    def exit_code(self) -> int:
+        return PEER_BASE + self.peer if self.peer is not None and 0 <= self.peer < 256 - PEER_BASE else PEER_FAILURE
 
 
 def _kwargs(section: dict[str, Any]) -> dict[str, Any]:
@@ -263,7 +272,7 @@ class Channel:
             work.wait(timeout=self.timeout)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise PeerError(f"{what} rank {peer} failed: {first}") from None
+            raise PeerError(f"{what} rank {peer} failed: {first}", peer) from None
 
     def send(self, flag: int, epoch: int, y: Tensor | None, x: Tensor | None) -> None:
         dst = self.rank + 1
@@ -280,7 +289,7 @@ class Channel:
             w1 = dist.isend(header, dst)
             w2 = dist.isend(act, dst)
         except RuntimeError as e:
-            raise PeerError(f"sending to rank {dst} failed: {str(e).strip().splitlines()[0][:160]}") from None
+            raise PeerError(f"sending to rank {dst} failed: {str(e).strip().splitlines()[0][:160]}", dst) from None
         self.sends.append((w1, w2, header, act))  # keep the tensors alive until the sends complete
         while len(self.sends) > self.inflight:
             self._drain_one()
@@ -301,7 +310,7 @@ class Channel:
         try:
             return dist.irecv(header, src), dist.irecv(act, src), header, act
         except RuntimeError as e:
-            raise PeerError(f"receiving from rank {src} failed: {str(e).strip().splitlines()[0][:160]}") from None
+            raise PeerError(f"receiving from rank {src} failed: {str(e).strip().splitlines()[0][:160]}", src) from None
 
     def complete(self, pending: tuple[Any, Any, Tensor, Tensor]) -> tuple[int, int, Tensor, Tensor]:
         w1, w2, header, act = pending
@@ -338,11 +347,16 @@ def _save_shard(rm: RankModule, out: Path, epoch: int | None, buffer: ReplayBuff
 
 
 def _fault(rank: int, step: int) -> None:
+    """Fault injection for the tests: ``ANYTRAIN_DGL_FAULT=rank:step`` kills that rank at that step,
+    ``rank:step:hang`` makes it stop answering (sleep forever) instead."""
     spec = os.environ.get(FAULT_ENV, "")
     if spec:
-        r, _, s = spec.partition(":")
+        r, s, *mode = spec.split(":")
         if int(r) == rank and int(s) == step:
             print(f"rank {rank}: injected fault at step {step}", file=sys.stderr, flush=True)
+            if mode == ["hang"]:
+                while True:
+                    time.sleep(1.0)
             os._exit(17)
 
 
@@ -446,7 +460,7 @@ def _consume_replay(
         got = buf.sample(timeout=0.05)
         if got is None:  # nothing buffered yet; the receiver thread's own waits are bounded by the timeout
             if not th.is_alive() and not failure and control.empty():
-                raise PeerError(f"the receiver of rank {rm.rank} stopped before the end of the data")
+                raise PeerError(f"the receiver of rank {rm.rank} stopped before the end of the data", rm.rank - 1)
             continue
         x, y = got
         _fault(rm.rank, rm.steps)
@@ -492,6 +506,14 @@ def _evaluate(cfg: dict[str, Any], out: Path, world: int, device: torch.device) 
     return {"net": net, "acc": acc, "flops": net.flops_per_exit(data.input_shape)}
 
 
+def _barrier() -> None:
+    try:
+        dist.barrier()
+    except RuntimeError as e:  # a rank died or hangs; the process group's timeout bounds the wait
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise PeerError(f"barrier failed: {first}") from None
+
+
 def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
     """Body of one rank (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` in the environment)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -534,7 +556,7 @@ def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
         ch = None
         if world > 1:
             ch = Channel(rank, rm.batch, rm.in_shape, rm.out_shape, rm.dtype, device, opts.timeout, opts.inflight)
-        dist.barrier()
+        _barrier()
         t0 = time.perf_counter()
         steps0 = rm.steps
         if rank == 0:
@@ -554,7 +576,7 @@ def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
             "peak_rss_mb": _peak_rss_mb(),
         }
         (out / f"rank{rank}.json").write_text(json.dumps(stats) + "\n")
-        dist.barrier()  # every final shard is on disk
+        _barrier()  # every final shard is on disk
         wall = time.perf_counter() - t0
         if rank == 0:
             _finish(cfg, out, world, device, opts, wall, start_epoch, rm)
@@ -562,7 +584,7 @@ def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
         return 0
     except PeerError as e:
         print(f"rank {rank}: {e}", file=sys.stderr, flush=True)
-        os._exit(PEER_FAILURE)  # do not wait for a broken process group to shut down
+        os._exit(e.exit_code)  # do not wait for a broken process group to shut down
     except ConfigError as e:
         print(f"rank {rank}: {e}", file=sys.stderr, flush=True)
         os._exit(2)
@@ -634,6 +656,22 @@ def _stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
             p.wait()
 
 
+def _is_peer_code(c: int) -> bool:
+    return c == PEER_FAILURE or c >= PEER_BASE
+
+
+def _culprit(failed: list[tuple[int, int]]) -> str:
+    """One line naming the rank that caused the failure, from the exit codes seen so far."""
+    own = [(r, c) for r, c in failed if not _is_peer_code(c)]
+    if own:  # a rank that failed by itself (crash, fault, bad input) rather than because of a peer
+        r, c = min(own)
+        return f"rank {r} failed (exit code {c})"
+    r, c = min(failed)
+    if c >= PEER_BASE:  # only ranks that lost a peer have exited: the peer died or hangs
+        return f"rank {c - PEER_BASE} died or stopped responding (rank {r} gave up waiting for it)"
+    return f"rank {r} failed (exit code {c}: it lost a peer)"
+
+
 def launch(worker_argv: list[str], nproc: int, env: dict[str, str] | None = None) -> int:
     """Start ``nproc`` ranks of ``python -m anytrain.greedy.parallel WORKER_ARGV --worker`` on this machine and
     watch them. Returns 0 if all succeed; otherwise names the first rank that failed, stops the others and
@@ -652,13 +690,9 @@ def launch(worker_argv: list[str], nproc: int, env: dict[str, str] | None = None
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                # Several ranks may have exited by now; the cause is one that did not merely lose a peer.
-                r, c = min(failed, key=lambda rc: (rc[1] == PEER_FAILURE, rc[0]))
                 _stop(procs)
                 print(
-                    f"anytrain dgl-parallel: rank {r} failed (exit code {c}); stopped the other ranks",
-                    file=sys.stderr,
-                    flush=True,
+                    f"anytrain dgl-parallel: {_culprit(failed)}; stopped the other ranks", file=sys.stderr, flush=True
                 )
                 return 1
             if all(c == 0 for c in codes):
