@@ -365,7 +365,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
         if curvature != "empirical":
             self._handles.append(model.register_forward_hook(self._model_hook))
         self._sampling = False
-        self._eig_cache: dict[tuple[int, int, int], tuple[list[_Layer], Tensor, Tensor, Tensor, Tensor]] = {}
+        self._eig_cache: dict[tuple[int, int, int], list[Any]] = {}
 
     # ---- hooks -----------------------------------------------------------------------------------------
     @property
@@ -486,10 +486,20 @@ class CurvatureCorrected(torch.optim.Optimizer):
         return out
 
     # ---- step --------------------------------------------------------------------------------------------
+    _reducer: Callable[[Tensor], Tensor] | None = None
+
+    def set_reducer(self, fn: Callable[[Tensor], Tensor] | None) -> None:
+        """Data parallel (``anytrain.train.distributed``): ``fn`` averages a tensor over the ranks in place and
+        returns it. Each factor-update step then averages the per-step Kronecker factors ``Â``, ``Ĝ`` of all
+        layers with one call before the running averages, so the factors (and their eigendecompositions) are
+        identical on every rank and equal to those of the global batch. ``None`` switches it off."""
+        self._reducer = fn
+
     def _update_factors(self) -> bool:
         """Fold this step's captures into the running averages. Returns whether any factor was new."""
         beta = self.factor_decay
         fresh = False
+        new: list[tuple[_Layer, Tensor, Tensor]] = []
         for layer in self.layers:
             caps, layer.captures = layer.captures, []
             a_new, g_new = None, []
@@ -506,6 +516,14 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 continue  # layer not used (or no gradient reached it) on this step
             a_new = a_new / sum(c.rows for c in caps)
             g_mean = torch.stack(g_new).mean(0)
+            new.append((layer, a_new, g_mean))
+        if self._reducer is not None and new:
+            # data parallel: this step's factors become the averages over all ranks (one all-reduce for all
+            # layers) before they enter the running averages, so A, G and their eigenpairs agree on every rank
+            flat = self._reducer(torch.cat([t.reshape(-1) for _, a, g in new for t in (a, g)]))
+            parts = iter(flat.split([t.numel() for _, a, g in new for t in (a, g)]))
+            new = [(layer, next(parts).view_as(a), next(parts).view_as(g)) for layer, a, g in new]
+        for layer, a_new, g_mean in new:
             st = self.state[layer.weight]
             if "A" not in st:
                 st["A"], st["G"] = a_new, g_mean
@@ -534,8 +552,8 @@ class CurvatureCorrected(torch.optim.Optimizer):
         if todo:
             self._eig_cache = {}
 
-    def _stacks(self) -> dict[tuple[int, int, int], tuple[list[_Layer], Tensor, Tensor, Tensor, Tensor]]:
-        """Layers with an eigendecomposition, grouped by (param group, out, in) with stacked eigenpairs."""
+    def _stacks(self) -> dict[tuple[int, int, int], list[Any]]:
+        """Layers with an eigendecomposition, grouped by (param group, out, in), with stacked eigenpairs."""
         if not self._eig_cache:
             groups: dict[tuple[int, int, int], list[_Layer]] = {}
             for layer in self.layers:
@@ -545,8 +563,28 @@ class CurvatureCorrected(torch.optim.Optimizer):
                     groups.setdefault(key, []).append(layer)
             for key, ls in groups.items():
                 sts = [self.state[layer.weight] for layer in ls]
-                self._eig_cache[key] = (ls, *(torch.stack([s[k] for s in sts]) for k in ("dA", "QA", "dG", "QG")))
+                stacked = [torch.stack([s[k] for s in sts]) for k in ("dA", "QA", "dG", "QG")]
+                self._eig_cache[key] = [ls, *stacked, None]  # last slot: cached (alpha, λ, P_A, P_G)
         return self._eig_cache
+
+    def _powers(self, entry: list[Any], alpha: float, lam: float) -> tuple[Tensor, Tensor]:
+        """``P_A = (A + λ_A I)^(−α)``, ``P_G = (G + λ_G I)^(−α)`` as matrices, cached until the next eigh.
+
+        Two matmuls per step (``P_G ∇ P_A``) instead of four rotations; recomputed only when the eigenpairs or
+        the (scheduled) ``alpha``/``damping`` change.
+        """
+        _, d_a, q_a, d_g, q_g, cached = entry
+        if cached is not None and cached[0] == alpha and cached[1] == lam:
+            return cached[2], cached[3]
+        if self.adaptive_damping:  # λ relative to the mean eigenvalue of each factor
+            lam_a: Tensor | float = lam * d_a.mean(-1, keepdim=True).clamp_min(torch.finfo(d_a.dtype).tiny)
+            lam_g: Tensor | float = lam * d_g.mean(-1, keepdim=True).clamp_min(torch.finfo(d_g.dtype).tiny)
+        else:
+            lam_a = lam_g = lam
+        p_a = (q_a * _inverse_power(d_a, lam_a, alpha).unsqueeze(-2)) @ q_a.mT
+        p_g = (q_g * _inverse_power(d_g, lam_g, alpha).unsqueeze(-2)) @ q_g.mT
+        entry[5] = (alpha, lam, p_a, p_g)
+        return p_a, p_g
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -568,23 +606,23 @@ class CurvatureCorrected(torch.optim.Optimizer):
         # preconditioned directions of the Kronecker layers, batched over layers of equal shape
         direction: dict[nn.Parameter, Tensor] = {}
         kl_terms: list[Tensor] = []
-        for (gi, _, _), (ls, d_a, q_a, d_g, q_g) in self._stacks().items():
+        for (gi, _, _), entry in self._stacks().items():
             group = self.param_groups[gi]
+            alpha = float(group["alpha"])
+            ls = entry[0]
             live = [i for i, layer in enumerate(ls) if layer.weight.grad is not None]
             if not live:
                 continue
-            if len(live) != len(ls):
-                idx = torch.tensor(live)
-                ls = [ls[i] for i in live]
-                d_a, q_a, d_g, q_g = d_a[idx], q_a[idx], d_g[idx], q_g[idx]
-            grads = torch.stack([self._grad_matrix(layer) for layer in ls]).to(q_a.dtype)
-            lam = float(group["damping"])
-            if self.adaptive_damping:
-                lam_a = lam * d_a.mean(-1, keepdim=True).clamp_min(torch.finfo(d_a.dtype).tiny)
-                lam_g = lam * d_g.mean(-1, keepdim=True).clamp_min(torch.finfo(d_g.dtype).tiny)
-                steps = precondition_eig(grads, d_a, q_a, d_g, q_g, float(group["alpha"]), lam_a, lam_g)
+            grads = torch.stack([self._grad_matrix(ls[i]) for i in live])
+            if alpha == 0:  # gradient descent, bit for bit
+                steps = grads
             else:
-                steps = precondition_eig(grads, d_a, q_a, d_g, q_g, float(group["alpha"]), lam, lam)
+                p_a, p_g = self._powers(entry, alpha, float(group["damping"]))
+                if len(live) != len(ls):
+                    idx = torch.tensor(live)
+                    p_a, p_g = p_a[idx], p_g[idx]
+                steps = (p_g @ grads.to(p_a.dtype) @ p_a).to(grads.dtype)
+            ls = [ls[i] for i in live]
             if self.kl_clip is not None:
                 kl_terms.append(group["lr"] ** 2 * (steps * grads).sum())
             for layer, s in zip(ls, steps):
@@ -601,8 +639,9 @@ class CurvatureCorrected(torch.optim.Optimizer):
             total = torch.stack(kl_terms).sum().abs().clamp_min(torch.finfo(torch.float32).tiny)
             nu = torch.sqrt(self.kl_clip / total).clamp(max=1.0)
             self._last_kl_scale = nu.detach()
-            for p in direction:
-                direction[p] = direction[p] * nu.to(direction[p].dtype)
+            keys = list(direction)
+            scaled = torch._foreach_mul([direction[p] for p in keys], nu.to(keys[0].dtype))
+            direction = dict(zip(keys, scaled))
 
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
