@@ -32,7 +32,14 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from anytrain.rules.base import GradientRule, scalar_losses
-from anytrain.rules.pergrad import GRAD_METHODS, ExitPartition, exit_partition, per_exit_grads, write_flat
+from anytrain.rules.pergrad import (
+    GRAD_METHODS,
+    ExitPartition,
+    exit_partition,
+    per_exit_grads,
+    reduce_per_exit,
+    write_flat,
+)
 
 MODES = ("global", "per_tensor")
 
@@ -385,11 +392,15 @@ class OSGD(GradientRule):
         refresh = self._refresh_due() or not scaled
         self.steps += 1
         total = vec.detach().sum()
+        self.reduces_own_grads = False
         if not refresh:
             vec.sum().backward()  # trunk gets Σ a_k g_k through the scaling nodes; heads their own gradient
-            return {"loss": total}
+            return {"loss": total}  # linear in the losses: the trainer averages .grad over ranks
         part = self._partition(net, K)
         G, head_grads = per_exit_grads(list(losses), part, self.grad_method)
+        if self.reducer is not None:  # data parallel: Gram–Schmidt of the rank-averaged G, not an average of them
+            G, head_grads = reduce_per_exit(self, G, head_grads)
+            self.reduces_own_grads = True
         if self.mode == "global":
             gram = G @ G.T
             C, sq = osgd_coefficients(gram, self.rtol)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from anytrain.rules.base import GradientRule
+
 GRAD_METHODS = ("loop", "batched")
 
 
@@ -161,3 +163,18 @@ def write_flat(part: ExitPartition, direction: Tensor, head_grads: Sequence[Sequ
     if part.trunk:
         write_grads(part.trunk, list(torch.split(direction, part.numels)))
     write_grads([p for hs in part.heads for p in hs], [g for gs in head_grads for g in gs])
+
+
+def reduce_per_exit(
+    rule: GradientRule, G: Tensor, head_grads: Sequence[Sequence[Tensor]]
+) -> tuple[Tensor, list[list[Tensor]]]:
+    """Average ``G`` and the head gradients over the data-parallel ranks in one collective call
+    (``rule.reduce_tensors``), before any non-linear combination of the rows."""
+    flat_heads = [g for gs in head_grads for g in gs]
+    G, *rest = rule.reduce_tensors([G, *flat_heads])
+    out: list[list[Tensor]] = []
+    i = 0
+    for gs in head_grads:
+        out.append(list(rest[i : i + len(gs)]))
+        i += len(gs)
+    return G, out

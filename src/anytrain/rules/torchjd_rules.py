@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from anytrain.registry import ConfigError
 from anytrain.rules.base import GradientRule, scalar_losses
-from anytrain.rules.pergrad import GRAD_METHODS, ExitPartition, exit_partition, per_exit_grads, write_flat
+from anytrain.rules.pergrad import (
+    GRAD_METHODS,
+    ExitPartition,
+    exit_partition,
+    per_exit_grads,
+    reduce_per_exit,
+    write_flat,
+)
 
 # Defaults for aggregators whose constructor has required hyper-parameters we can choose sensibly.
 _DEFAULT_KWARGS: dict[str, dict[str, Any]] = {"CAGrad": {"c": 0.5}}
@@ -110,6 +117,9 @@ class TorchJDRule(GradientRule):
         if self._part is None or self._part_key != key:
             self._part, self._part_key = exit_partition(net, K), key
         G, head_grads = per_exit_grads(list(losses), self._part, self.grad_method)
+        if self.reducer is not None:  # data parallel: aggregate the rank-averaged Jacobian
+            G, head_grads = reduce_per_exit(self, G, head_grads)
+            self.reduces_own_grads = True
         direction = agg(G)
         write_flat(self._part, direction, head_grads)
         return {"loss": vec.detach().sum()}
