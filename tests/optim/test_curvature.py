@@ -473,3 +473,32 @@ def test_factors_agree_with_curvlinops_kfac() -> None:
     for key, layer in zip(("0", "3"), opt.layers):
         torch.testing.assert_close(opt.state[layer.weight]["A"], ref._input_covariances[key])
         torch.testing.assert_close(opt.state[layer.weight]["G"], ref._gradient_covariances[key])
+
+
+# ---- composition with the gradient rules --------------------------------------------------------------
+@pytest.mark.parametrize("rule_name", ["joint", "osgd", "dgl"])
+def test_composes_with_gradient_rules(rule_name: str) -> None:
+    from anytrain.rules import build_rule
+
+    torch.manual_seed(12)
+    net = StagedNet(
+        [nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU()), nn.Sequential(nn.Conv1d(4, 4, 3), nn.ReLU())],
+        [nn.Sequential(nn.Flatten(), nn.Linear(4 * 12, 3)), nn.Sequential(nn.Flatten(), nn.Linear(4 * 10, 3))],
+    )
+    rule = build_rule(rule_name)
+    rule.bind(net)
+    opt = rule.make_optimizer(
+        net, lambda n, ps: build_optimizer("curvature", n, ps, lr=0.05, factor_every=1, inverse_every=1)
+    )
+    for _ in range(3):
+        x, y = torch.randn(8, 1, 12), torch.randint(0, 3, (8,))
+        opt.zero_grad(set_to_none=True)
+        losses = [F.cross_entropy(z, y) for z in rule.forward(net, x)]
+        rule.backward(net, losses)
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    # every Linear/Conv layer got factors from some optimizer, none twice
+    opts = getattr(opt, "optimizers", None) or [opt]
+    convs = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+    owners = [o for o in opts for layer in getattr(o, "layers", []) if "G" in o.state[layer.weight]]
+    assert len(owners) == len(convs)
