@@ -212,6 +212,7 @@ def _cases(slow: bool) -> list[tuple[str, list[str], float]]:
         ("adaloss", [*base, "rule.name=adaloss"], 1e-4),
         ("osgd", [*base, "rule.name=osgd"], 1e-3),
         ("osgd_amortized", [*base, "rule.name=osgd", "rule.amortize=3"], 1e-3),
+        ("osgd_per_tensor", [*base, "rule.name=osgd", "rule.mode=per_tensor", "rule.rescale=true"], 1e-3),
         ("upgrad", [*base, "rule.name=torchjd:UPGrad"], 1e-3),
         ("dgl_adam", [*base, "rule.name=dgl", "optimizer.name=adam", "optimizer.lr=0.003"], 1e-4),
     ]
