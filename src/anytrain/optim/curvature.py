@@ -229,8 +229,8 @@ class _Capture:
 @dataclass
 class _Layer:
     module: nn.Module
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: Tensor
+    bias: Tensor | None
     captures: list[_Capture] = field(default_factory=list)
 
 
@@ -418,11 +418,11 @@ class CurvatureCorrected(torch.optim.Optimizer):
         pending = [(layer, c) for layer in self.layers for c in layer.captures if c.output is not None]
         if not outs or not pending:
             return
-        targets = [c.output for _, c in pending]
+        targets: list[Tensor] = [c.output for _, c in pending if c.output is not None]
         self._sampling = True
         try:
             if self.curvature == "mc_fisher":
-                loss = sum(self._sampled_loss(o) for o in outs)
+                loss = torch.stack([self._sampled_loss(o) for o in outs]).sum()
                 grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
                 for (layer, cap), g in zip(pending, grads):
                     if g is not None:  # loss is a batch mean: δ = B·g, G = Σ δδᵀ / B = B Σ g gᵀ
@@ -637,7 +637,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
         if kl_terms and direction:
             # ν = min(1, sqrt(κ / (η² Σ⟨Δ, g⟩))): cap on the (approximate) KL change of the step
             total = torch.stack(kl_terms).sum().abs().clamp_min(torch.finfo(torch.float32).tiny)
-            nu = torch.sqrt(self.kl_clip / total).clamp(max=1.0)
+            nu = torch.sqrt(float(self.kl_clip or 0.0) / total).clamp(max=1.0)
             self._last_kl_scale = nu.detach()
             keys = list(direction)
             scaled = torch._foreach_mul([direction[p] for p in keys], nu.to(keys[0].dtype))
@@ -661,6 +661,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
 
     @staticmethod
     def _grad_matrix(layer: _Layer) -> Tensor:
+        assert layer.weight.grad is not None
         g = layer.weight.grad.reshape(layer.weight.shape[0], -1)
         if layer.bias is not None:
             b = layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(layer.bias)
@@ -679,9 +680,9 @@ def sgd_update(
 ) -> None:
     """``d = Δ + wd·θ;  m ← μ m + d (m = d first);  θ ← θ − η m`` — torch.optim.SGD's update on directions."""
     if weight_decay != 0:
-        directions = torch._foreach_add(directions, params, alpha=weight_decay)
+        directions = list(torch._foreach_add(directions, params, alpha=weight_decay))
     if momentum != 0:
-        bufs = []
+        bufs: list[Tensor | None] = []
         for d, st in zip(directions, states):
             buf = st.get("momentum_buffer")
             if buf is None:
