@@ -127,6 +127,9 @@ def assert_models_close(
 def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from anytrain.rules import Joint
     from anytrain.train import distributed as dp
 
     dp.init_from_env("cpu")
@@ -144,8 +147,33 @@ def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
         for _ in range(2):  # twice: the second pass uses a non-zero running-mean shift
             y = sync(xs)
             (y * w[rank * 4 : (rank + 1) * 4]).sum().backward()
+        # gradient averaging: one collective call for all tensors, result = mean over ranks
+        calls = {"n": 0}
+        real = dist.all_reduce
+
+        def counting(*a: Any, **k: Any) -> Any:
+            calls["n"] += 1
+            return real(*a, **k)
+
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        for i, p in enumerate(net.parameters()):
+            p.grad = torch.full_like(p, float(rank + 10 * i))
+        dist.all_reduce = counting
+        try:
+            dp.GradAverager(net.parameters(), 2)()
+            n_grad = calls["n"]
+            rule = Joint()
+            rule.reducer = dp.average_
+            red = rule.reduce_tensors([torch.full((2, 3), float(rank)), torch.full((4,), 2.0 * rank)])
+            n_rule = calls["n"] - n_grad
+        finally:
+            dist.all_reduce = real
         torch.save(
             {
+                "n_grad": n_grad,
+                "n_rule": n_rule,
+                "grads": [p.grad for p in net.parameters()],
+                "red": red,
                 "y": y.detach(),
                 "gx": xs.grad,
                 "gw": bn.weight.grad,
@@ -160,7 +188,7 @@ def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
         dp.shutdown()
 
 
-def test_sync_batchnorm_equals_full_batch(tmp_path):
+def test_sync_batchnorm_and_coalesced_averaging(tmp_path):
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [ctx.Process(target=_bn_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
@@ -170,6 +198,11 @@ def test_sync_batchnorm_equals_full_batch(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     r0, r1 = (torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in range(2))
+    for r in (r0, r1):  # one all-reduce each for the gradients and for reduce_tensors; values are the mean
+        assert r["n_grad"] == 1 and r["n_rule"] == 1
+        for i, gr in enumerate(r["grads"]):
+            assert torch.equal(gr, torch.full_like(gr, 0.5 + 10 * i))
+        assert torch.equal(r["red"][0], torch.full((2, 3), 0.5)) and torch.equal(r["red"][1], torch.full((4,), 1.0))
     # reference: plain batch norm on the whole batch, same two passes
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 5, generator=g, dtype=torch.float64) * 3 + 2
@@ -248,6 +281,56 @@ def test_two_ranks_equal_one_rank_doubled_batch(tmp_path):
 @pytest.mark.slow
 def test_every_rule_and_optimizer_data_parallel(tmp_path):
     _check(_cases(slow=True)[1:], tmp_path)
+
+
+# ---- a fault on one rank stops every rank at the same step ----------------------------------------------------
+def _nan_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from anytrain.config import load_config
+    from anytrain.train import Trainer, TrainingDiverged
+    from anytrain.train import distributed as dp
+
+    dp.init_from_env("cpu")
+    try:
+        cfg = load_config(None, [*FAST, "train.epochs=2", "train.log_every=3", "data.batch_size=16"])
+        tr = Trainer(cfg, Path(out) / "run")
+        calls = {"n": 0}
+
+        def hook(mod: torch.nn.Module, inp: Any, o: torch.Tensor) -> torch.Tensor:
+            if mod.training:
+                calls["n"] += 1
+                if rank == 1 and calls["n"] == tr.steps_per_epoch + 2:  # rank 1 only, step spe+1 (epoch 2)
+                    return o * float("nan")
+            return o
+
+        tr.net.exits[0].register_forward_hook(hook)
+        try:
+            tr.fit()
+            msg = "no error"
+        except TrainingDiverged as e:
+            msg = str(e)
+        Path(out, f"msg{rank}.txt").write_text(f"{msg}|{tr.steps_per_epoch}")
+    finally:
+        dp.shutdown()
+
+
+@pytest.mark.slow
+def test_nonfinite_on_one_rank_stops_all_ranks(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_nan_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]  # nobody hung in a collective
+    (m0, spe), (m1, _) = ((tmp_path / f"msg{r}.txt").read_text().split("|") for r in range(2))
+    step = int(spe) + 1
+    assert f"non-finite loss at step {step} (epoch 2)" in m0 and f"non-finite loss at step {step} (epoch 2)" in m1
+    assert "on exit 0" in m1  # the rank that saw it names the exit
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
 # ---- (iv) the CLI under torchrun ---------------------------------------------------------------------------
