@@ -293,10 +293,21 @@ def test_inf_loss_is_reported_as_loss(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_diverged_run_exit_code_and_resumable_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "opt",
+    [
+        ["optimizer.lr=1.0e+12", "optimizer.momentum=0.99"],  # SGD blows up within the first epochs
+        ["optimizer.name=curvature", "optimizer.lr=1.0e+8"],  # exploding Kronecker factors / preconditioned steps
+    ],
+    ids=["sgd", "curvature"],
+)
+def test_diverged_run_exit_code_and_resumable_checkpoint(tmp_path, capsys, opt):
+    from anytrain.optim import OPTIMIZERS
+
+    if "optimizer.name=curvature" in opt and "curvature" not in OPTIMIZERS:
+        pytest.skip("curvature optimizer not registered")
     out = tmp_path / "run"
-    # a learning rate so large that SGD blows up within the first epochs
-    code = main(["train", *sets([*RUN, "optimizer.lr=1.0e+12", "optimizer.momentum=0.99"]), "--out", str(out)])
+    code = main(["train", *sets([*RUN, *opt]), "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 3, err
     assert len(err.splitlines()) == 1 and "non-finite" in err
