@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +93,13 @@ def _zero_in(m: nn.Module) -> Tensor:
     return w.transpose(0, 1).flatten(1).abs().sum(1) == 0
 
 
-def _root_positions(idxs: Sequence[Any], n_root: int) -> list[int]:
-    """Map each index of a group item to the root channel it belongs to (same order; flatten → linear
-    expands each channel into a block of consecutive features)."""
+def _positions(item: Any, n_root: int) -> list[int]:
+    """Map each index of a group item to the root channel it belongs to: Torch-Pruning's ``root_idxs`` when
+    it records them (concatenations, splits), else by order (flatten → linear expands each channel into a
+    block of consecutive features)."""
+    if getattr(item, "root_idxs", None) is not None:
+        return [int(i) for i in item.root_idxs]
+    idxs = item.idxs
     if len(idxs) % n_root:
         raise ValueError(f"cannot map {len(idxs)} coupled indices onto {n_root} channels")
     k = len(idxs) // n_root
@@ -114,11 +118,12 @@ def zero_channel_plan(model: nn.Module, example_inputs: Tensor, dg: tp.Dependenc
         prod_zero = torch.ones(n_root, dtype=torch.bool)
         cons_zero = torch.ones(n_root, dtype=torch.bool)
         n_cons = 0
-        for dep, idxs in group:
+        for item in group:
+            dep, idxs = item.dep, item.idxs
             m = dep.target.module
             if not isinstance(m, LayerTypes):
                 continue
-            pos = torch.tensor(_root_positions(idxs, n_root))
+            pos = torch.tensor(_positions(item, n_root))
             ix = torch.tensor([int(i) for i in idxs])
             if dg.is_out_channel_pruning_fn(dep.handler):
                 # a root channel is zero only if every coupled filter (and flattened position) is zero
@@ -202,13 +207,14 @@ def apply_plan(
     # (consumer layer, its removed input indices) per group, resolved on the unpruned copy
     consumers: list[tuple[nn.Module, list[int]]] = []
     removed_out: dict[nn.Module, set[int]] = {}
-    groups = []
+    # resolve every group on the unpruned copy (for the consumers to compensate), then prune them one by
+    # one, re-resolving each right before pruning: Torch-Pruning refreshes concat/split offsets per call
+    roots = []
     for name, idxs in plan.groups:
         root = out.get_submodule(name)
         handler = dg.get_pruner_of_module(root).prune_out_channels
-        g = dg.get_pruning_group(root, handler, idxs)
-        groups.append(g)
-        for dep, ix in g:
+        roots.append((root, handler, idxs))
+        for dep, ix in dg.get_pruning_group(root, handler, idxs):
             m = dep.target.module
             if isinstance(m, LayerTypes) and dg.is_in_channel_pruning_fn(dep.handler):
                 consumers.append((m, [int(i) for i in ix]))
@@ -216,11 +222,18 @@ def apply_plan(
                 removed_out.setdefault(m, set()).update(int(i) for i in ix)
     shifts: list[tuple[nn.Module, Tensor, Tensor]] = []
     if compensate and consumers:
-        probe = probe_inputs if probe_inputs is not None else torch.randn(
-            (4, *example_inputs.shape[1:]), generator=torch.Generator().manual_seed(0)
-        ).to(example_inputs)
-        seen = _capture_inputs(out, [m for m, _ in consumers], probe)
+        probe = (
+            probe_inputs
+            if probe_inputs is not None
+            else torch.randn((4, *example_inputs.shape[1:]), generator=torch.Generator().manual_seed(0)).to(
+                example_inputs
+            )
+        )
+        merged: dict[nn.Module, list[int]] = {}  # a consumer may read channels of several groups (concat)
         for m, ix in consumers:
+            merged.setdefault(m, []).extend(i for i in ix if i not in merged.get(m, []))
+        seen = _capture_inputs(out, list(merged), probe)
+        for m, ix in merged.items():
             w_all = m.weight.detach()
             live = [i for i in ix if w_all[:, i].abs().sum() > 0]  # zero slices contribute nothing
             if not live:
@@ -231,15 +244,17 @@ def apply_plan(
             const = flat[0, :, 0]
             tol = 1e-5 * (1 + float(flat.abs().max()))
             if (flat - const.view(1, -1, 1)).abs().max() > tol:
-                raise ValueError(f"channels removed from {type(m).__name__} inputs are not constant: "
-                                 "cannot export exactly (use compensate=False)")
+                raise ValueError(
+                    f"channels removed from {type(m).__name__} inputs are not constant: "
+                    "cannot export exactly (use compensate=False)"
+                )
             gone = removed_out.get(m, set())
             kept_out = [o for o in range(w_all.shape[0]) if o not in gone]  # the consumer may lose outputs too
             w = w_all[kept_out][:, ix]
             if const.abs().max() > 0:
                 shifts.append((m, w.clone(), const.clone()))
-    for g in groups:
-        g.prune()
+    for root, handler, idxs in roots:
+        dg.get_pruning_group(root, handler, idxs).prune()
     names = {m: n for n, m in out.named_modules()}
     for m, w, const in shifts:
         if isinstance(m, nn.Linear) or all(p == 0 for p in m.padding):
@@ -257,7 +272,9 @@ def apply_plan(
     return out
 
 
-def export_pruned(model: nn.Module, example_inputs: Tensor, *, compensate: bool = True) -> tuple[nn.Module, PruningPlan]:
+def export_pruned(
+    model: nn.Module, example_inputs: Tensor, *, compensate: bool = True
+) -> tuple[nn.Module, PruningPlan]:
     """Physically remove the zero channels of ``model`` (typically ``SLBI.projected_model(net)``, i.e. W*).
     Returns the smaller module (outputs equal to ``model``'s in eval mode) and the plan."""
     plan = zero_channel_plan(model, example_inputs)
@@ -280,8 +297,13 @@ def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
         model.train(was)
 
 
-def cpu_latency(model: nn.Module, x: Tensor, repeats: int = 20, warmup: int = 3,
-                fn: Callable[[nn.Module, Tensor], Any] | None = None) -> float:
+def cpu_latency(
+    model: nn.Module,
+    x: Tensor,
+    repeats: int = 20,
+    warmup: int = 3,
+    fn: Callable[[nn.Module, Tensor], Any] | None = None,
+) -> float:
     """Median seconds of one forward pass of ``x`` in eval mode."""
     fn = fn or (lambda m, t: m(t))
     model.eval()
