@@ -53,8 +53,9 @@ def _state(tr: Any) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[str]]], out: str) -> None:
-    """One rank: train every job of ``jobs`` and save its final state to ``out/<job>.rank<r>.pt``."""
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[str]]], out: str, bn: bool) -> None:
+    """One rank: (optionally the batch-norm/averaging checks, then) train every job of ``jobs`` and save its final
+    state to ``out/<job>.rank<r>.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from anytrain.config import load_config
@@ -64,6 +65,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[str]]],
     ctx = dp.init_from_env("cpu")
     assert ctx.world_size == world and ctx.rank == rank
     try:
+        if bn:
+            _bn_worker(rank, world, port, out, own_group=False)
         for name, overrides in jobs:
             cfg = load_config(None, FAST + overrides)
             tr = Trainer(cfg, Path(out) / name)
@@ -73,10 +76,13 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[str]]],
         dp.shutdown()
 
 
-def run_ranks(world: int, jobs: list[tuple[str, list[str]]], out: Path, timeout: float = 120.0) -> None:
+def run_ranks(
+    world: int, jobs: list[tuple[str, list[str]]], out: Path, bn: bool = False, timeout: float = 120.0
+) -> None:
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, jobs, str(out))) for r in range(world)]
+    out.mkdir(parents=True, exist_ok=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, jobs, str(out), bn)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -124,7 +130,7 @@ def assert_models_close(
 
 
 # ---- (i) synchronized batch norm ----------------------------------------------------------------------------
-def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
+def _bn_worker(rank: int, world: int, port: int, out: str, own_group: bool = True) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -185,18 +191,12 @@ def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
             Path(out) / f"bn{rank}.pt",
         )
     finally:
-        dp.shutdown()
+        if own_group:
+            dp.shutdown()
 
 
-def test_sync_batchnorm_and_coalesced_averaging(tmp_path):
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_bn_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+def assert_bn_and_averaging(tmp_path: Path) -> None:
+    """Checks on what ``_bn_worker`` saved (run inside the default data-parallel test to share its processes)."""
     r0, r1 = (torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in range(2))
     for r in (r0, r1):  # one all-reduce each for the gradients and for reduce_tensors; values are the mean
         assert r["n_grad"] == 1 and r["n_rule"] == 1
@@ -261,9 +261,11 @@ def _cases(slow: bool) -> list[tuple[str, list[str], float]]:
     return cases
 
 
-def _check(cases: list[tuple[str, list[str], float]], tmp_path: Path) -> None:
+def _check(cases: list[tuple[str, list[str], float]], tmp_path: Path, bn: bool = False) -> None:
     jobs = [(name, [*ov, "data.batch_size=16"]) for name, ov, _ in cases]
-    run_ranks(2, jobs, tmp_path / "dp")
+    run_ranks(2, jobs, tmp_path / "dp", bn=bn)
+    if bn:
+        assert_bn_and_averaging(tmp_path / "dp")
     for name, ov, tol in cases:
         r0 = torch.load(tmp_path / "dp" / f"{name}.rank0.pt", weights_only=True)
         r1 = torch.load(tmp_path / "dp" / f"{name}.rank1.pt", weights_only=True)
@@ -275,7 +277,8 @@ def _check(cases: list[tuple[str, list[str], float]], tmp_path: Path) -> None:
 
 
 def test_two_ranks_equal_one_rank_doubled_batch(tmp_path):
-    _check(_cases(slow=False), tmp_path)
+    """Also (i): synchronized batch norm and one-call gradient averaging, in the same two processes."""
+    _check(_cases(slow=False), tmp_path, bn=True)
 
 
 @pytest.mark.slow
