@@ -171,12 +171,14 @@ def time_steps(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
 def run_speed(steps: int = 200, repeats: int = 5) -> dict:
     out: dict = {}
     cases = {
-        "mnist1d-cnn": (cnn1d, (1, 40)),
-        "mnist1d-mlp": (lambda: mlp(40), (1, 40)),
-        "digits-cnn": (cnn2d, (1, 8, 8)),
+        "mnist1d-cnn": (cnn1d, (1, 40), 128),
+        "mnist1d-mlp": (lambda: mlp(40), (1, 40), 128),
+        "digits-cnn": (cnn2d, (1, 8, 8), 128),
+        "mnist1d-cnn-b512": (cnn1d, (1, 40), 512),
+        "mnist1d-mlp-b512": (lambda: mlp(40), (1, 40), 512),
     }
-    for name, (make, shape) in cases.items():
-        x, y = torch.randn(128, *shape), torch.randint(0, 10, (128,))
+    for name, (make, shape, batch) in cases.items():
+        x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
         times: dict[str, list[float]] = {"sgd": [], "curvature": []}
         for _ in range(repeats):  # interleave to share the machine's load fairly
             torch.manual_seed(0)
@@ -201,11 +203,11 @@ def run_speed(steps: int = 200, repeats: int = 5) -> dict:
             "ms_per_step": {k: 1e3 * v for k, v in med.items()},
             "ratio": med["curvature"] / med["sgd"],
             "all_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
-            "batch": 128,
+            "batch": batch,
             "steps": steps,
         }
         print(
-            f"{name:12s} sgd {1e3 * med['sgd']:.2f} ms  curvature(T_f=10,T_inv=100) "
+            f"{name:16s} sgd {1e3 * med['sgd']:.2f} ms  curvature(T_f=10,T_inv=100) "
             f"{1e3 * med['curvature']:.2f} ms  ratio {out[name]['ratio']:.2f}",
             flush=True,
         )
