@@ -149,6 +149,7 @@ def figures(histories: dict, results: dict, teacher: dl.Teacher, alphas: list[fl
     axes[0, 0].legend(fontsize=8)
     for ax in axes.flat:
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(0, histories[(2, "GD")].steps[-1])
     fig.tight_layout()
     fig.savefig(figdir / "deeplinear_loss_balance.png", dpi=90)
     plt.close(fig)
@@ -161,6 +162,7 @@ def figures(histories: dict, results: dict, teacher: dl.Teacher, alphas: list[fl
             ax.plot(h.steps, modes[:, i], label=f"mode s={s:g}")
             ax.axhline(s, color="k", lw=0.5, ls=":")
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(0, h.steps[-1])
         ax.set_title(f"L=4, {label}")
         ax.set_xlabel("step")
         ax.set_ylim(-0.5, 3.5)
