@@ -114,9 +114,10 @@ def run_seed(seed: int, args, data) -> dict:
 
     res["slbi_acc"] = train(net, opt, data, args.epochs, seed, on_epoch=record)
     res["path"] = path
-    # early stopping: the best W* among the points of the path that remove >= target of the filters
-    ok = [p for p in path if p["removed"] >= args.target] or path
-    stop = max(ok, key=lambda p: (p["wstar_acc"], p["epoch"]))
+    # early stopping: the largest support (latest point of the monotone path) that still removes >= target
+    # of the prunable channels; ties broken by W* accuracy
+    ok = [p for p in path if p["removed"] >= args.target] or path[:1]
+    stop = min(ok, key=lambda p: (p["removed"], -p["wstar_acc"]))
     res["stop"] = stop
     star = snaps[stop["epoch"]]
     small, plan = export_pruned(star, x1)
