@@ -613,7 +613,8 @@ class CurvatureCorrected(torch.optim.Optimizer):
             live = [i for i, layer in enumerate(ls) if layer.weight.grad is not None]
             if not live:
                 continue
-            grads = torch.stack([self._grad_matrix(ls[i]) for i in live])
+            mats = [self._grad_matrix(ls[i]) for i in live]
+            grads = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)  # no copy for a lone layer
             if alpha == 0:  # gradient descent, bit for bit
                 steps = grads
             else:
@@ -621,7 +622,8 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 if len(live) != len(ls):
                     idx = torch.tensor(live)
                     p_a, p_g = p_a[idx], p_g[idx]
-                steps = (p_g @ grads.to(p_a.dtype) @ p_a).to(grads.dtype)
+                steps = p_g @ grads.to(p_a.dtype) @ p_a
+                steps = steps if steps.dtype == grads.dtype else steps.to(grads.dtype)
             ls = [ls[i] for i in live]
             if self.kl_clip is not None:
                 kl_terms.append(group["lr"] ** 2 * (steps * grads).sum())
