@@ -332,3 +332,12 @@ def test_slbi_factory_sparsifies_trunk_not_heads_biases_norms() -> None:
     assert {id(w) for w in trunk_convs} == sparse
     assert opt.param_groups[0]["nu"] == 20.0
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import anytrain.optim.slbi as mod
+
+    res = doctest.testmod(mod, extraglobs={"torch": torch, "nn": nn}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted >= 8 and res.failed == 0

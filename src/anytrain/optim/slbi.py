@@ -389,7 +389,7 @@ class SLBI(torch.optim.Optimizer):
             >>> lin = nn.Linear(3, 2, bias=False)
             >>> opt = SLBI(lin.parameters(), lr=0.1, nu=10.0)
             >>> with opt.projected():
-            ...     float(lin.weight.abs().sum())  # Γ = 0 before any step: W* = 0
+            ...     float(lin.weight.detach().abs().sum())  # Γ = 0 before any step: W* = 0
             0.0
         """
         saved = []
