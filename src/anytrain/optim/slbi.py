@@ -25,7 +25,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -127,17 +127,17 @@ def slbi(
         for i in missing:
             momentum_bufs[i] = torch.clone(d[i]).detach()
         if have:
-            bufs = [momentum_bufs[i] for i in have]
+            bufs = [cast(Tensor, momentum_bufs[i]) for i in have]
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, [d[i] for i in have], alpha=1.0 - dampening)
-        full = [b for b in momentum_bufs if b is not None]
+        full = [cast(Tensor, b) for b in momentum_bufs]
         d = torch._foreach_add(d, full, alpha=momentum) if nesterov else full
     sparse = [i for i in range(n) if zs[i] is not None]
     coupled = math.isfinite(nu) and bool(sparse)
     if coupled:
         w_s = [params[i] for i in sparse]
-        z_s = [zs[i] for i in sparse]
-        g_s = [gammas[i] for i in sparse]
+        z_s = [cast(Tensor, zs[i]) for i in sparse]
+        g_s = [cast(Tensor, gammas[i]) for i in sparse]
         e = torch._foreach_sub(w_s, g_s)  # W − Γ before this step's update
     # W ← W − lr·κ·d (every tensor), then the coupling term outside the momentum buffer.
     torch._foreach_add_(params, d, alpha=-lr * kappa)
@@ -435,8 +435,9 @@ def slbi_param_groups(
             raise ValueError(f"SLBI: {what} penalty must be group, lasso or none, got {v!r}")
     owned = {id(p) for p in (params if params is not None else net.parameters())}
     head_modules: set[int] = set()
-    if not heads and isinstance(getattr(net, "exits", None), nn.ModuleList):
-        head_modules = {id(m) for h in net.exits for m in h.modules()}
+    exits: Any = getattr(net, "exits", None)
+    if not heads and isinstance(exits, nn.ModuleList):
+        head_modules = {id(m) for h in exits for m in h.modules()}
     sparse: dict[str, list[Any]] = {"group": [], "lasso": []}
     sparse_names: dict[str, list[str]] = {"group": [], "lasso": []}
     seen: set[int] = set()

@@ -62,7 +62,7 @@ def _heads_final_layers(model: nn.Module) -> list[nn.Module]:
     """Layers whose outputs are logits: the last conv/linear of each exit head (or of the model)."""
     exits = getattr(model, "exits", None)
     heads = list(exits) if isinstance(exits, nn.ModuleList) else [model]
-    out = []
+    out: list[nn.Module] = []
     for h in heads:
         layers = [m for m in h.modules() if isinstance(m, LayerTypes)]
         if layers:
@@ -79,13 +79,13 @@ def build_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
         model.train(was)
 
 
-def _zero_out(m: nn.Module) -> Tensor:
+def _zero_out(m: Any) -> Tensor:
     """Per output channel: is the filter all zero?"""
     w = m.weight.detach()
     return w.flatten(1).abs().sum(1) == 0
 
 
-def _zero_in(m: nn.Module) -> Tensor:
+def _zero_in(m: Any) -> Tensor:
     """Per input channel: is the slice of every filter all zero? (grouped convs: never)"""
     w = m.weight.detach()
     if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
@@ -149,6 +149,10 @@ def zero_channel_plan(model: nn.Module, example_inputs: Tensor, dg: tp.Dependenc
 class ConstantInputShift(nn.Module):
     """``layer(x) + layer_without_bias(const)``: restores the contribution of removed input channels that
     carried a constant ``r_c`` (exact, including zero-padding borders). The map is cached per input size."""
+
+    removed_weight: Tensor
+    const: Tensor
+    layer: Any
 
     def __init__(self, layer: nn.Module, removed_weight: Tensor, const: Tensor) -> None:
         super().__init__()
@@ -220,7 +224,7 @@ def apply_plan(
                 consumers.append((m, [int(i) for i in ix]))
             elif isinstance(m, LayerTypes) and dg.is_out_channel_pruning_fn(dep.handler):
                 removed_out.setdefault(m, set()).update(int(i) for i in ix)
-    shifts: list[tuple[nn.Module, Tensor, Tensor]] = []
+    shifts: list[tuple[Any, Tensor, Tensor]] = []
     if compensate and consumers:
         probe = (
             probe_inputs
@@ -229,7 +233,7 @@ def apply_plan(
                 example_inputs
             )
         )
-        merged: dict[nn.Module, list[int]] = {}  # a consumer may read channels of several groups (concat)
+        merged: dict[Any, list[int]] = {}  # a consumer may read channels of several groups (concat)
         for m, ix in consumers:
             merged.setdefault(m, []).extend(i for i in ix if i not in merged.get(m, []))
         seen = _capture_inputs(out, list(merged), probe)
