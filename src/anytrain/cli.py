@@ -63,7 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Launched by torchrun (WORLD_SIZE > 1): join the process group; every rank runs this same function.
     ctx = dp.init_from_env(str(cfg["train"]["device"]))
     try:
-        return _train_run(cfg, out, args, ctx)
+        code = _train_run(cfg, out, args, ctx)
+        if code == 0:
+            dp.barrier()  # leave together: rank 0 (which hosts the rendezvous store) finishes its writes first
+        return code
     finally:
         dp.shutdown()
 

@@ -104,6 +104,12 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistContex
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op single-process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -326,6 +332,7 @@ __all__ = [
     "GradAverager",
     "all_agree",
     "average_",
+    "barrier",
     "broadcast_module_",
     "convert_sync_batchnorm",
     "current_context",
