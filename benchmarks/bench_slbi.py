@@ -52,9 +52,13 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def train(net: nn.Module, opt: torch.optim.Optimizer, data, epochs: int, seed: int, on_epoch=None) -> float:
+def train(
+    net: nn.Module, opt: torch.optim.Optimizer, data, epochs: int, seed: int, on_epoch=None, every: int = 0
+) -> float:
+    """Train; ``on_epoch(step)`` is called after every epoch and, with ``every > 0``, every ``every`` steps."""
     steps = epochs * len(batches(len(data.y_train), 128, seed, 0))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # per-step cosine decay
+    step = 0
     for e in range(epochs):
         net.train()
         for idx in batches(len(data.y_train), 128, seed, e):
@@ -63,8 +67,11 @@ def train(net: nn.Module, opt: torch.optim.Optimizer, data, epochs: int, seed: i
             sum(F.cross_entropy(z, y) for z in net(x)).backward()
             opt.step()
             sched.step()
-        if on_epoch is not None:
-            on_epoch(e)
+            step += 1
+            if on_epoch is not None and every > 0 and step % every == 0:
+                on_epoch(step)
+        if on_epoch is not None and not (every > 0 and step % every == 0):
+            on_epoch(step)
     return accuracy(net, data.x_test, data.y_test)
 
 
@@ -97,29 +104,29 @@ def run_seed(seed: int, args, data) -> dict:
     path: list[dict] = []
     snaps: dict[int, nn.Module] = {}
 
-    def record(e: int) -> None:
+    def record(step: int) -> None:
         star = opt.projected_model(net).eval()
         m = opt.epoch_metrics()
         plan = zero_channel_plan(star, x1)
         path.append(
             {
-                "epoch": e + 1,
+                "step": step,
                 "support": m["support/all"],
                 "w_acc": accuracy(net, data.x_test, data.y_test),
                 "wstar_acc": accuracy(star, data.x_test, data.y_test),
                 "removed": plan.fraction(),
             }
         )
-        snaps[e + 1] = star
+        snaps[step] = star
 
-    res["slbi_acc"] = train(net, opt, data, args.epochs, seed, on_epoch=record)
+    res["slbi_acc"] = train(net, opt, data, args.epochs, seed, on_epoch=record, every=args.record_every)
     res["path"] = path
     # early stopping: the largest support (latest point of the monotone path) that still removes >= target
     # of the prunable channels; ties broken by W* accuracy
     ok = [p for p in path if p["removed"] >= args.target] or path[:1]
     stop = min(ok, key=lambda p: (p["removed"], -p["wstar_acc"]))
     res["stop"] = stop
-    star = snaps[stop["epoch"]]
+    star = snaps[stop["step"]]
     small, plan = export_pruned(star, x1)
     with torch.no_grad():
         err = max(float((a - b).abs().max()) for a, b in zip(star(data.x_test[:256]), small(data.x_test[:256])))
@@ -182,6 +189,7 @@ def main() -> None:
     ap.add_argument("--kappa", type=float, default=1.0)
     ap.add_argument("--mu", type=float, default=2.0)
     ap.add_argument("--target", type=float, default=0.5, help="filter fraction to remove at the stopping point")
+    ap.add_argument("--record-every", type=int, default=8, help="path points every this many steps")
     ap.add_argument("--speed-steps", type=int, default=60)
     ap.add_argument("--out", default=str(OUT / "slbi.json"))
     args = ap.parse_args()
@@ -195,7 +203,7 @@ def main() -> None:
         r = run_seed(s, args, data)
         result["seeds"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "path"}), flush=True)
-        print("path:", [(p["epoch"], round(p["removed"], 3), round(p["wstar_acc"], 3)) for p in r["path"]], flush=True)
+        print("path:", [(p["step"], round(p["removed"], 3), round(p["wstar_acc"], 3)) for p in r["path"]], flush=True)
     result["wall_s"] = time.time() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")
