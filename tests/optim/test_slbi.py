@@ -4,6 +4,7 @@ degenerate-case equivalence with SGD, state round-trip, stability condition."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -12,8 +13,11 @@ import torch
 from scipy.optimize import minimize
 from torch import nn
 
+from anytrain.config import load_config
 from anytrain.optim import SLBI, build_optimizer
 from anytrain.optim.slbi import group_soft_threshold, slbi, slbi_param_groups, soft_threshold
+from anytrain.sparsity import support_path
+from anytrain.train import Trainer
 
 # ---------------------------------------------------------------------------------------------------------
 # Hand computation on a 2×3 weight: plain Python loops over entries, nothing shared with the implementation.
@@ -341,3 +345,57 @@ def test_docstring_examples_run() -> None:
 
     res = doctest.testmod(mod, extraglobs={"torch": torch, "nn": nn}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.attempted >= 8 and res.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# through the trainer: the path is logged each epoch and --resume reaches the same weights and Γ
+
+TRAINER_FAST = [
+    "data.name=synthetic",
+    "data.batch_size=32",
+    "model.name=cnn1d-exits",
+    "model.width=8",
+    "model.exits=2",
+    "train.epochs=3",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.plots=false",
+    "optimizer.name=slbi",
+    "optimizer.lr=0.1",
+    "optimizer.mu=1.0",
+    "optimizer.kappa=1.0",
+]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_slbi_path_logged_and_resume_exact(tmp_path) -> None:
+    cfg = load_config(None, TRAINER_FAST)
+    full = Trainer(cfg, tmp_path / "full")
+    full.fit()
+    hist = json.loads((tmp_path / "full" / "history.json").read_text())
+    path = support_path(hist)
+    assert "all" in path and len(path["all"]) == 3
+    assert all(0.0 <= v <= 1.0 for v in path["all"])
+
+    part = Trainer(cfg, tmp_path / "part")
+    orig = part._end_epoch
+
+    def end_epoch(epoch, loss):
+        orig(epoch, loss)
+        if epoch + 1 == 2:
+            raise Stop
+
+    part._end_epoch = end_epoch
+    with pytest.raises(Stop):
+        part.fit()
+    resumed = Trainer(cfg, tmp_path / "part", resume=True)
+    assert resumed.start_epoch == 2
+    resumed.fit()
+    for (k, a), (_, b) in zip(full.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(a, b), k
+    for p, q in zip(full.net.parameters(), resumed.net.parameters()):
+        for key, v in full.optimizer.state[p].items():
+            assert torch.equal(v, resumed.optimizer.state[q][key]), key
