@@ -133,3 +133,19 @@ def test_support_path_and_plot(tmp_path) -> None:
     assert path == {"a": [0.0, 0.1, 0.2, 0.30000000000000004], "all": [0.0, 0.05, 0.1, 0.15000000000000002]}
     f = plot_path(path, tmp_path / "path.png", accuracy=[0.1, 0.2, 0.3, 0.4])
     assert f.stat().st_size > 0
+
+
+def test_channel_ignored_by_every_consumer_is_removed_exactly() -> None:
+    """group_by="in": a zero input-channel group of the only consumer makes the producer's filter removable."""
+    net = build_model("cnn1d-exits", num_classes=3, width=8, exits=1)
+    _randomise_norms_and_zero_filters(net, frac=0.0)
+    first, second = [m for m in net.stages.modules() if isinstance(m, nn.Conv1d)][:2]
+    with torch.no_grad():
+        second.weight[:, 3] = 0  # channel 3 of the first conv is read by nobody
+    net.eval()
+    x = torch.randn(4, 1, 40)
+    small, plan = export_pruned(net, x[:1])
+    assert plan.removed == 1
+    assert [m for m in small.stages.modules() if isinstance(m, nn.Conv1d)][0].out_channels == first.out_channels - 1
+    with torch.no_grad():
+        assert _max_diff(net(x), small(x)) < 1e-5
