@@ -58,7 +58,6 @@ def _curvature(net: nn.Module, params: list[nn.Parameter], lr: float = 0.1, **kw
     return CurvatureCorrected(net, lr=lr, params=params, **kw)
 
 
-
 @OPTIMIZERS.register("slbi", "DessiLBI / Split LBI: sparse regularization path on trunk conv/linear weights")
 def _slbi(
     net: nn.Module,
@@ -73,6 +72,7 @@ def _slbi(
     # trunk conv weights: group lasso per filter; trunk linear weights: lasso; heads, biases, norms: plain step
     groups = slbi_param_groups(net, params, conv=conv, linear=linear, group_by=group_by, heads=heads)
     return SLBI(groups, lr=lr, **kw)
+
 
 def build_optimizer(
     name: str, net: nn.Module, params: list[nn.Parameter] | None = None, **hparams: Any
