@@ -103,3 +103,24 @@ def test_any_torch_optimizer_by_name(tmp_path):
         == 0
     )
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["optimizer"] == "rmsprop"
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    """PyYAML's YAML 1.1 reads ``1e-3`` as a string; configs and --set must get a float."""
+    from anytrain.config import load_config, parse_value
+
+    assert parse_value("1e-3") == pytest.approx(1e-3) and isinstance(parse_value("1e-3"), float)
+    assert parse_value("-2E+2") == -200.0 and parse_value("5") == 5 and parse_value("1e3x") == "1e3x"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("optimizer: {name: adam, lr: 1e-3, weight_decay: 5e-4}\n")
+    cfg = load_config(cfg_file, ["schedule.warmup_epochs=0"])
+    assert cfg["optimizer"]["lr"] == pytest.approx(1e-3) and cfg["optimizer"]["weight_decay"] == pytest.approx(5e-4)
+
+
+def test_dgl_parallel_subcommand_is_wired(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["dgl-parallel", "--help"])
+    assert e.value.code == 0
+    assert "anytrain dgl-parallel" in capsys.readouterr().out
+    assert main(["dgl-parallel", "--out", "unused", "--set", "rule.name=joint"]) == 2
+    assert "needs rule.name: dgl" in capsys.readouterr().err

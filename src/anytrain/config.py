@@ -15,6 +15,7 @@ A config is a nested dict with these sections (anything under ``model``, ``rule`
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,38 @@ def _merge(base: dict[str, Any], new: dict[str, Any], path: str = "") -> dict[st
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` / ``5E+4`` as floats.
+
+    PyYAML follows YAML 1.1, where an exponent needs a dot (``1.0e-3``), so a plain ``lr: 1e-3`` would
+    otherwise arrive as the *string* ``"1e-3"``. Only the float resolver is widened; nothing unsafe is added.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 style floats (``1e-3`` is a number)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+
+
 def parse_value(text: str) -> Any:
     """Parse the value of ``--set key=value`` as YAML (numbers, bools, lists, null), safely."""
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
     except yaml.YAMLError:
         return text
 
@@ -86,7 +115,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = safe_load(p.read_text())
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0] if str(e) else "parse error"
             raise ConfigError(f"config {p} is not valid YAML: {first}") from None
