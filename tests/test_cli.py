@@ -63,7 +63,7 @@ def test_train_eval_plot_list(tmp_path, capsys):
         (["--set", "data.batch_size=abc"], "data.batch_size must be a number"),
         (["--set", "data.name=cifar10"], "cifar"),
         (["--set", "rule.name=weighted", "--set", "rule.weights=[1,2]"], "2 weights but the network has 4"),
-        (["--set", "model.bogus=1"], "model 'cnn1d-exits'"),
+        (["--set", "model.bogus=1"], "model 'nested-width'"),
         (["no-such-config.yaml"], "config file not found"),
     ],
 )

@@ -157,6 +157,7 @@ def test_random_configs_train_or_fail_cleanly(tmp_path, picks):
         "data.options.n_train=64",
         "data.options.n_test=16",
         "data.batch_size=16",
+        "model.name=cnn1d-exits",
         "model.width=4",
         "train.progress=false",
         "train.tensorboard=false",

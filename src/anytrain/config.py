@@ -34,12 +34,12 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,
         "options": {},  # data-set-specific keyword arguments (e.g. label_mode: coarse for cifar100)
     },
-    "model": {"name": "cnn1d-exits"},
-    "rule": {"name": "joint"},
-    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4},
+    "model": {"name": "nested-width"},  # 4 stages, width 8 doubling per stage (the builder's defaults)
+    "rule": {"name": "osgd"},
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4},
     "schedule": {"name": "cosine"},
     "train": {
-        "epochs": 40,
+        "epochs": 30,
         "device": "auto",
         "log_every": 20,
         "checkpoint_every": 1,
