@@ -379,6 +379,9 @@ def test_slbi_path_logged_and_resume_exact(tmp_path) -> None:
     path = support_path(hist)
     assert "all" in path and len(path["all"]) == 3
     assert all(0.0 <= v <= 1.0 for v in path["all"])
+    from anytrain.eval.plots import plot_run
+
+    assert tmp_path / "full" / "sparsity_path.png" in plot_run(tmp_path / "full")
 
     part = Trainer(cfg, tmp_path / "part")
     orig = part._end_epoch

@@ -89,4 +89,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 ax.legend(fontsize=6, ncol=2)
                 ax.set_title("optimizer / rule series per epoch", fontsize=9)
                 save(fig, "epoch_series.png")
+            if any(k.startswith("opt/support/") for k in extra):  # DessiLBI: Γ's regularization path
+                from anytrain.sparsity.path import plot_path, support_path
+
+                tmp = run / ".sparsity_path.tmp.png"
+                plot_path(support_path(h), tmp)
+                tmp.replace(run / "sparsity_path.png")
+                written.append(run / "sparsity_path.png")
     return written

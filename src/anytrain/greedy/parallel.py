@@ -122,27 +122,18 @@ class RankModule:
     """Module ``rank`` of the config's network, its optimizer and schedule, and the shapes it exchanges."""
 
     def __init__(self, cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> None:
-        from anytrain.data import BatchLoader, load_dataset
-        from anytrain.nets import build_model
+        from anytrain.data import BatchLoader
         from anytrain.optim import build_optimizer
         from anytrain.rules import build_rule
         from anytrain.train.schedule import build_scheduler
+        from anytrain.train.trainer import data_from_config, model_from_config
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        d = cfg["data"]
         # Same construction order as the trainer (data, then seed, then model) so the weights start equal.
-        data = load_dataset(
-            d["name"],
-            **(d.get("options") or {}),
-            data_dir=d.get("data_dir"),
-            seed=cfg["seed"],
-            num_samples=d.get("num_samples"),
-            augment=bool(d.get("augment", True)),
-        )
+        d = cfg["data"]
+        data = data_from_config(cfg)
         torch.manual_seed(cfg["seed"])
-        net = build_model(
-            cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
-        )
+        net = model_from_config(cfg, data)
         rule = build_rule(cfg["rule"]["name"], **_kwargs(cfg["rule"]))
         if getattr(rule, "name", "") != "dgl":
             raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg['rule']['name']!r}")
@@ -475,23 +466,13 @@ def _consume_replay(
 
 def _evaluate(cfg: dict[str, Any], out: Path, world: int, device: torch.device) -> dict[str, Any]:
     """Rank 0, after every rank is done: assemble the final shards into the full network and evaluate it."""
-    from anytrain.data import load_dataset
     from anytrain.eval.anytime import accuracy_per_exit, exit_logits
-    from anytrain.nets import build_model
     from anytrain.train.checkpoint import load_checkpoint
+    from anytrain.train.trainer import data_from_config, model_from_config
 
+    data = data_from_config(cfg, augment=False)
+    net = model_from_config(cfg, data)
     d = cfg["data"]
-    data = load_dataset(
-        d["name"],
-        **(d.get("options") or {}),
-        data_dir=d.get("data_dir"),
-        seed=cfg["seed"],
-        num_samples=d.get("num_samples"),
-        augment=False,
-    )
-    net = build_model(
-        cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
-    )
     full: dict[str, Tensor] = {}
     for r in range(world):
         shard = load_checkpoint(_ckpt_dir(out, None) / f"rank{r}.pt", map_location="cpu")
@@ -766,22 +747,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _num_modules(cfg: dict[str, Any]) -> int:
-    from anytrain.data import load_dataset
     from anytrain.greedy.modules import partition_stages
-    from anytrain.nets import build_model
+    from anytrain.train.trainer import data_from_config, model_from_config
 
-    d = cfg["data"]
-    data = load_dataset(
-        d["name"],
-        **(d.get("options") or {}),
-        data_dir=d.get("data_dir"),
-        seed=cfg["seed"],
-        num_samples=d.get("num_samples"),
-        augment=False,
-    )
-    net = build_model(
-        cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
-    )
+    data = data_from_config(cfg, augment=False)
+    net = model_from_config(cfg, data)
     return len(partition_stages(net.num_exits, cfg["rule"].get("modules")))
 
 

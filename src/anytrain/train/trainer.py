@@ -59,31 +59,38 @@ def _kwargs(section: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k != "name"}
 
 
-def build_components(cfg: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
-    """Everything a run needs, built from a validated config. Raises ``ConfigError`` on bad input, before
-    anything is written anywhere."""
-    device = device or resolve_device(cfg["train"]["device"])
+def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBundle:
+    """The ``DataBundle`` a config names (``augment`` overrides ``data.augment``)."""
     d = cfg["data"]
-    data = load_dataset(
+    return load_dataset(
         d["name"],
         **(d.get("options") or {}),
         data_dir=d.get("data_dir"),
         seed=cfg["seed"],
         num_samples=d.get("num_samples"),
-        augment=bool(d.get("augment", True)),
+        augment=bool(d.get("augment", True)) if augment is None else augment,
     )
-    torch.manual_seed(cfg["seed"])
+
+
+def model_from_config(cfg: dict[str, Any], data: DataBundle) -> StagedNet:
+    """The staged net a config names, shaped for ``data``; a bad keyword is a one-line ``ConfigError``."""
     try:
-        net = build_model(
-            cfg["model"]["name"],
-            in_shape=data.input_shape,
-            num_classes=data.num_classes,
-            **_kwargs(cfg["model"]),
+        return build_model(
+            cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
         )
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"model {cfg['model']['name']!r}: {e}") from None
+
+
+def build_components(cfg: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+    """Everything a run needs, built from a validated config. Raises ``ConfigError`` on bad input, before
+    anything is written anywhere."""
+    device = device or resolve_device(cfg["train"]["device"])
+    data = data_from_config(cfg)
+    torch.manual_seed(cfg["seed"])
+    net = model_from_config(cfg, data)
     net.to(device)
     try:
         rule = build_rule(cfg["rule"]["name"], **_kwargs(cfg["rule"]))
