@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "model": {"name": "nested-width"},  # 4 stages, width 8 doubling per stage (the builder's defaults)
     "rule": {"name": "osgd"},
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4},
+    "optimizer": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 5.0e-4},
     "schedule": {"name": "cosine"},
     "train": {
         "epochs": 30,
