@@ -25,3 +25,23 @@ def test_version_is_consistent(capsys):
     changelog = (ROOT / "CHANGELOG.md").read_text()
     first = re.search(r"^## \[([^\]]+)\]", changelog, re.M)
     assert first is not None and first.group(1) == version, "CHANGELOG.md must start with the current version"
+
+
+def test_readme_python_examples_run():
+    """The README's Python snippets are executed as written (they must not rot)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_readme_quick_start_is_two_commands():
+    """CI (.ci/run) executes these two lines; keep them exactly two, install first."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    cmds = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    assert len(cmds) == 2 and all("\n" not in c for c in cmds)
+    assert cmds[0].startswith("pip install -c constraints.txt -e . && anytrain train")
+    assert cmds[1].startswith('pip install -c constraints.txt -e ".[dev]" && python -m pytest')
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "README.md" in ci and "QS[0]" in ci and "QS[1]" in ci  # CI reads them from here, not a copy
