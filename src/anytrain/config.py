@@ -99,6 +99,11 @@ def safe_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
 
 
+def builder_kwargs(section: dict[str, Any]) -> dict[str, Any]:
+    """A config section's keyword arguments for its builder: everything but ``name``."""
+    return {k: v for k, v in section.items() if k != "name"}
+
+
 def parse_value(text: str) -> Any:
     """Parse the value of ``--set key=value`` as YAML (numbers, bools, lists, null), safely."""
     try:

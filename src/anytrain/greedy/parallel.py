@@ -23,8 +23,9 @@ data: the sentinel that shuts the pipeline down). ``MARK``/``END`` carry a zero 
 is a pair.
 
 Checkpoints are a Chandy–Lamport snapshot along the pipeline: on ``MARK e`` a rank saves its shard
-(``checkpoints/epoch_XXXX/rank{j}.pt``: module, optimizer, schedule, buffer, RNG) *before* forwarding the marker,
-so when the last rank has its shard every shard exists; it then writes ``COMPLETE``. In replay mode the receiver
+(``checkpoints/epoch_{e:04d}/rank{j}.pt``, e.g. ``epoch_0003``: module, optimizer, schedule, buffer, RNG)
+*before* forwarding the marker, so when the last rank has its shard every shard exists; it then writes
+``COMPLETE``. In replay mode the receiver
 thread pauses at a marker until the shard is written, so the saved buffer holds exactly the pre-marker batches.
 ``--resume`` restarts every rank from the newest complete epoch.
 
@@ -62,6 +63,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anytrain.config import builder_kwargs
 from anytrain.greedy.buffer import ReplayBuffer
 from anytrain.greedy.modules import module_forward, module_parameters
 from anytrain.registry import ConfigError
@@ -109,10 +111,6 @@ class PeerError(RuntimeError):
         return PEER_BASE + self.peer if self.peer is not None and 0 <= self.peer < 256 - PEER_BASE else PEER_FAILURE
 
 
-def _kwargs(section: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in section.items() if k != "name"}
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
@@ -134,7 +132,7 @@ class RankModule:
         data = data_from_config(cfg)
         torch.manual_seed(cfg["seed"])
         net = model_from_config(cfg, data)
-        rule = build_rule(cfg["rule"]["name"], **_kwargs(cfg["rule"]))
+        rule = build_rule(cfg["rule"]["name"], **builder_kwargs(cfg["rule"]))
         if getattr(rule, "name", "") != "dgl":
             raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg['rule']['name']!r}")
         rule.bind(net)
@@ -182,7 +180,7 @@ class RankModule:
         self.dtype = next(net.parameters()).dtype
         o = cfg["optimizer"]
         params = module_parameters(net, self.stages)
-        self.optimizer = build_optimizer(o["name"], net, params, **_kwargs(o))
+        self.optimizer = build_optimizer(o["name"], net, params, **builder_kwargs(o))
         self.scheduler = build_scheduler(
             self.optimizer, cfg["schedule"], self.epochs * self.steps_per_epoch, self.steps_per_epoch
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from anytrain.config import builder_kwargs
 from anytrain.registry import ConfigError, Registry
 
 SCHEDULES: Registry = Registry("schedule")
@@ -61,9 +62,8 @@ def _step(
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    kw = {k: v for k, v in cfg.items() if k != "name"}
     try:
-        fn = SCHEDULES.get(cfg["name"])(total_steps, steps_per_epoch, **kw)
+        fn = SCHEDULES.get(cfg["name"])(total_steps, steps_per_epoch, **builder_kwargs(cfg))
     except TypeError as e:
         raise ConfigError(f"schedule {cfg['name']!r}: {e}") from None
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from anytrain.config import dump_config
+from anytrain.config import builder_kwargs, dump_config
 from anytrain.data import BatchLoader, DataBundle, load_dataset
 from anytrain.eval.anytime import accuracy_per_exit, anytime_auc, confidence_exit, exit_logits
 from anytrain.nets import StagedNet, build_model
@@ -55,10 +55,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _kwargs(section: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in section.items() if k != "name"}
-
-
 def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBundle:
     """The ``DataBundle`` a config names (``augment`` overrides ``data.augment``)."""
     d = cfg["data"]
@@ -76,7 +72,10 @@ def model_from_config(cfg: dict[str, Any], data: DataBundle) -> StagedNet:
     """The staged net a config names, shaped for ``data``; a bad keyword is a one-line ``ConfigError``."""
     try:
         return build_model(
-            cfg["model"]["name"], in_shape=data.input_shape, num_classes=data.num_classes, **_kwargs(cfg["model"])
+            cfg["model"]["name"],
+            in_shape=data.input_shape,
+            num_classes=data.num_classes,
+            **builder_kwargs(cfg["model"]),
         )
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
@@ -93,7 +92,7 @@ def build_components(cfg: dict[str, Any], device: torch.device | None = None) ->
     net = model_from_config(cfg, data)
     net.to(device)
     try:
-        rule = build_rule(cfg["rule"]["name"], **_kwargs(cfg["rule"]))
+        rule = build_rule(cfg["rule"]["name"], **builder_kwargs(cfg["rule"]))
         rule.bind(net)
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
@@ -102,7 +101,7 @@ def build_components(cfg: dict[str, Any], device: torch.device | None = None) ->
     o = cfg["optimizer"]
 
     def factory(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return build_optimizer(o["name"], model, params, **_kwargs(o))
+        return build_optimizer(o["name"], model, params, **builder_kwargs(o))
 
     try:
         optimizer = rule.make_optimizer(net, factory)
