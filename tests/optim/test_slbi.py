@@ -283,6 +283,8 @@ def test_state_dict_round_trip_is_exact() -> None:
         (dict(penalty="l0"), "penalty"),
         (dict(group_by="diag"), "group_by"),
         (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(decay="adamw"), "decay"),
+        (dict(decay="authors", nesterov=True), "Nesterov"),
     ],
 )
 def test_bad_hyper_parameters_raise_one_line_value_error(kw: dict, match: str) -> None:
@@ -336,6 +338,89 @@ def test_slbi_factory_sparsifies_trunk_not_heads_biases_norms() -> None:
     assert {id(w) for w in trunk_convs} == sparse
     assert opt.param_groups[0]["nu"] == 20.0
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decay="authors": the released DessiLBI optimizer's weight-decay convention, against a hand-written loop
+
+
+def _authors_reference(net: nn.Module, grads: list[dict[str, torch.Tensor]], *, lr, kappa, mu, momentum, damp, wd):
+    """The released optimizer's step written out per tensor: momentum on the raw gradient, then wd·W added to
+    the buffer itself (not dampened) for every tensor that is not 1-D; conv weights (4-D): group lasso per
+    output filter; linear weights (2-D): lasso; everything else a plain step. Heads are not sparsified."""
+    w = {k: v.detach().clone() for k, v in net.named_parameters()}
+    sparse = {
+        k for k, v in w.items() if k.startswith("stages") and k.endswith("weight") and v.dim() in (2, 4)
+    }
+    buf: dict[str, torch.Tensor] = {}
+    z = {k: torch.zeros_like(w[k]) for k in sparse}
+    gamma = {k: torch.zeros_like(w[k]) for k in sparse}
+    for step in grads:
+        for k, g in step.items():
+            if momentum:
+                buf[k] = g.clone() if k not in buf else momentum * buf[k] + (1 - damp) * g
+                d = buf[k]
+            else:
+                d = g.clone()
+            if wd and w[k].dim() != 1:
+                d += wd * w[k]  # in place: with momentum this is the buffer
+            if k in sparse:
+                last = w[k].clone()
+                w[k] = w[k] - lr * kappa * d - lr * kappa / mu * (w[k] - gamma[k])
+                z[k] = z[k] + lr / mu * (last - gamma[k])
+                if w[k].dim() == 2:
+                    gamma[k] = kappa * z[k].sign() * (z[k].abs() - 1).clamp(min=0)
+                else:
+                    flat = z[k].reshape(z[k].shape[0], -1)
+                    norms = flat.norm(dim=1, keepdim=True)
+                    gamma[k] = kappa * ((1 - 1 / norms).clamp(min=0) * flat).reshape(z[k].shape)
+            else:
+                w[k] = w[k] - lr * kappa * d
+    return w, gamma
+
+
+@pytest.mark.parametrize("momentum,damp", [(0.9, 0.0), (0.9, 0.3), (0.0, 0.0)])
+def test_authors_decay_matches_hand_written_released_update(momentum: float, damp: float) -> None:
+    from anytrain.nets import StagedNet
+
+    torch.manual_seed(0)
+    stages = nn.ModuleList(
+        [
+            nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+            nn.Sequential(nn.Flatten(1), nn.Linear(4 * 5 * 5, 6), nn.ReLU()),
+        ]
+    )
+    exits = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4, 3)), nn.Linear(6, 3)])
+    net = StagedNet(stages, exits).double()
+    names = [k for k, _ in net.named_parameters()]
+    # large κ·lr/ν and gradients so Γ leaves zero within the run, and a large decay so the conventions differ
+    hp = dict(lr=0.5, kappa=1.0, mu=1.0, momentum=momentum, damp=damp, wd=0.05)
+    gen = torch.Generator().manual_seed(1)
+    grads = [{k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in net.named_parameters()} for _ in range(12)]
+    w_ref, gamma_ref = _authors_reference(net, grads, **hp)
+
+    def run(decay: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+        m = copy.deepcopy(net)
+        opt = build_optimizer(
+            "slbi", m, lr=hp["lr"], kappa=hp["kappa"], mu=hp["mu"], momentum=momentum, dampening=damp,
+            weight_decay=hp["wd"], decay=decay,
+        )
+        params = dict(m.named_parameters())
+        for step in grads:
+            for k in names:
+                params[k].grad = step[k].clone()
+            opt.step()
+        return m, opt
+
+    m, opt = run("authors")
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), w_ref[k], rtol=0, atol=1e-10, msg=k)
+        if k in gamma_ref:
+            torch.testing.assert_close(opt.state[p]["gamma"], gamma_ref[k], rtol=0, atol=1e-10, msg=k)
+    assert any((g != 0).any() for g in gamma_ref.values()), "the test must reach Γ's support"
+    # the torch convention decays biases and BN too: it must differ (else this test could not fail)
+    m_torch, _ = run("torch")
+    assert any(not torch.allclose(a, b) for a, b in zip(m.parameters(), m_torch.parameters()))
 
 
 def test_docstring_examples_run() -> None:

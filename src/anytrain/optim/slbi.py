@@ -37,6 +37,7 @@ GAMMA = "gamma"
 
 PENALTIES = ("auto", "lasso", "group", "none")
 GROUP_BY = ("out", "in")
+DECAY = ("torch", "authors")
 
 
 def soft_threshold(z: Tensor, threshold: float = 1.0) -> Tensor:
@@ -99,10 +100,11 @@ def slbi(
     weight_decay: float = 0.0,
     nesterov: bool = False,
     group_dims: Sequence[int | None] | None = None,
+    decay: str = "torch",
 ) -> None:
     """One DessiLBI step on lists of tensors, in place (the functional core of :class:`SLBI`).
 
-    For every tensor ``i`` (``d`` is the gradient after weight decay and momentum, as in ``torch.optim.SGD``):
+    For every tensor ``i`` (``d`` is the gradient after weight decay and momentum):
 
     - plain (``zs[i] is None``):  ``W ← W − lr·κ·d``
     - sparsified, with ``e = W − Γ`` taken before the step:
@@ -112,15 +114,31 @@ def slbi(
     groups indexed by dimension ``group_dims[i]`` otherwise. ``momentum_bufs`` entries that are ``None`` are
     created (as a copy of the gradient, like torch's SGD) and written back into the list. ``nu = inf`` gives
     exactly SGD with step ``lr·κ`` (``Z`` and ``Γ`` stay 0).
+
+    ``decay`` is the weight-decay convention (``b`` the momentum buffer, ``m`` the momentum, ``τ`` the dampening):
+
+    - ``"torch"`` (as ``torch.optim.SGD``): every tensor is decayed and the decay is dampened with the gradient,
+      ``b ← m·b + (1 − τ)·(∇L + wd·W)``.
+    - ``"authors"`` (as the released DessiLBI optimizer): 1-D tensors (biases, norm layers) are not decayed,
+      and the decay enters the buffer undampened, ``b ← m·b + (1 − τ)·∇L + wd·W``.
+
+    Both start the buffer at the first step's direction and give ``d = b``; without momentum both give
+    ``d = ∇L + wd·W`` (on the decayed tensors).
     """
+    if decay not in DECAY:
+        raise ValueError(f"slbi: unknown decay convention {decay!r}; known: {', '.join(DECAY)}")
+    if decay == "authors" and nesterov:
+        raise ValueError("slbi: decay='authors' has no Nesterov variant (the released optimizer has none)")
     n = len(params)
     if not (len(grads) == len(momentum_bufs) == len(zs) == len(gammas) == n):
         raise ValueError("slbi: params, grads, momentum_bufs, zs and gammas must have the same length")
     if n == 0:
         return
     dims: Sequence[int | None] = group_dims if group_dims is not None else [None] * n
-    # d = ∇L + wd·W, then heavy-ball momentum (as torch.optim.SGD does it).
-    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else list(grads)
+    # torch: d = ∇L + wd·W, then heavy-ball momentum (as torch.optim.SGD does it).
+    # authors: heavy-ball momentum on ∇L, then wd·W added to the buffer itself (1-D tensors not decayed).
+    torch_decay = decay == "torch" and weight_decay != 0
+    d = torch._foreach_add(grads, params, alpha=weight_decay) if torch_decay else list(grads)
     if momentum != 0:
         missing = [i for i, b in enumerate(momentum_bufs) if b is None]
         have = [i for i, b in enumerate(momentum_bufs) if b is not None]
@@ -132,6 +150,16 @@ def slbi(
             torch._foreach_add_(bufs, [d[i] for i in have], alpha=1.0 - dampening)
         full = [cast(Tensor, b) for b in momentum_bufs]
         d = torch._foreach_add(d, full, alpha=momentum) if nesterov else full
+    if decay == "authors" and weight_decay != 0:
+        decayed = [i for i in range(n) if params[i].dim() != 1]
+        if decayed:
+            w_d = [params[i] for i in decayed]
+            if momentum == 0:
+                d = list(d)
+                for i, t in zip(decayed, torch._foreach_add([d[i] for i in decayed], w_d, alpha=weight_decay)):
+                    d[i] = t
+            else:  # into the buffer itself, so it carries over to later steps
+                torch._foreach_add_([d[i] for i in decayed], w_d, alpha=weight_decay)
     sparse = [i for i in range(n) if zs[i] is not None]
     coupled = math.isfinite(nu) and bool(sparse)
     if coupled:
@@ -207,6 +235,10 @@ class SLBI(torch.optim.Optimizer):
         mu: alias of ``nu`` (the authors' name); give one or the other.
         momentum, dampening, nesterov, weight_decay: as in ``torch.optim.SGD`` (the authors' default
             momentum is 0.9).
+        decay: weight-decay convention. ``"torch"`` (default): as ``torch.optim.SGD``, every tensor decayed,
+            the decay dampened with the gradient. ``"authors"``: as the released DessiLBI optimizer, no decay
+            on 1-D tensors (biases, norm layers) and the decay added to the momentum buffer undampened
+            (``b ← m·b + (1 − τ)·∇L + wd·W``); no Nesterov. See :func:`slbi`.
 
     Stability: ``lr·κ/ν < 1`` is required (derivation in the module docstring of ``anytrain.optim.slbi``).
 
@@ -237,6 +269,7 @@ class SLBI(torch.optim.Optimizer):
         nesterov: bool = False,
         penalty: str = "auto",
         group_by: str = "out",
+        decay: str = "torch",
     ) -> None:
         if nu is not None and mu is not None and float(nu) != float(mu):
             raise ValueError(f"SLBI: give nu or its alias mu, not both (nu={nu}, mu={mu})")
@@ -261,10 +294,16 @@ class SLBI(torch.optim.Optimizer):
             nesterov=nesterov,
             penalty=penalty,
             group_by=group_by,
+            decay=decay,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts written before the decay option existed
+            group.setdefault("decay", "torch")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "mu" in param_group:  # the authors' name for nu, per group too
@@ -282,6 +321,10 @@ class SLBI(torch.optim.Optimizer):
             raise ValueError(f"SLBI: unknown penalty {group['penalty']!r}; known: {', '.join(PENALTIES)}")
         if group["group_by"] not in GROUP_BY:
             raise ValueError(f"SLBI: unknown group_by {group['group_by']!r}; known: out, in")
+        if group["decay"] not in DECAY:
+            raise ValueError(f"SLBI: unknown decay {group['decay']!r}; known: {', '.join(DECAY)}")
+        if group["decay"] == "authors" and group["nesterov"]:
+            raise ValueError("SLBI: decay='authors' has no Nesterov variant (the released optimizer has none)")
         names = group.get("names")
         if names is not None and len(names) != len(group["params"]):
             raise ValueError(f"SLBI: {len(names)} names for {len(group['params'])} parameters")
@@ -327,6 +370,7 @@ class SLBI(torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
                 nesterov=group["nesterov"],
                 group_dims=dims,
+                decay=group["decay"],
             )
             if group["momentum"] != 0:
                 for p, b in zip(params, bufs):
