@@ -1,6 +1,6 @@
 """Backprop vs decoupled (DGL) vs sequential (SGL) greedy learning on MNIST-1D and digits, K = 2, 3, 4 modules.
 
-Every method trains the same branched net (one stage per module, MLP-SR auxiliary heads) with the same data
+Every method trains the same branched net (one stage per module, conv1x1 auxiliary heads) with the same data
 order, optimizer (SGD, momentum 0.9, cosine schedule) and number of epochs:
 
 - ``backprop``: rule ``joint`` with ``last_only: true`` (only the last exit's loss, end to end);
@@ -48,7 +48,7 @@ def train_one(
     k: int,
     seed: int,
     epochs: int | None = None,
-    head: str = "mlp-sr",
+    head: str = "conv1x1",
     batch_size: int = 64,
     rule_kw: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def summarize(records: list[dict[str, Any]]) -> list[str]:
         fin = [100 * r["final"] for r in rs]
         sd = statistics.stdev(fin) if len(fin) > 1 else 0.0
         per = [statistics.mean(100 * r["acc_per_exit"][i] for r in rs) for i in range(k)]
-        label = m if head == "mlp-sr" else f"{m} ({head} heads)"
+        label = m if head == "conv1x1" else f"{m} ({head} heads)"
         rows.append(
             f"| {ds} | {k} | {label} | {statistics.mean(fin):.2f} ± {sd:.2f} | "
             f"{' / '.join(f'{a:.1f}' for a in per)} | {len(rs)} |"
@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["backprop", "dgl", "sgl"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--head", default="mlp-sr")
+    ap.add_argument("--head", default="conv1x1")
     ap.add_argument("--out", default="benchmarks/results/dgl_accuracy.json")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Asynchronous DGL with replay buffers: accuracy vs slow-down and vs buffer size (single-process simulation).
 
-MNIST-1D, ``cnn1d-exits`` with K=3 modules and MLP-SR heads. At each tick module ``j`` steps with probability
+MNIST-1D, ``cnn1d-exits`` with K=3 modules and conv1x1 heads. At each tick module ``j`` steps with probability
 ``p_j``; one module is slowed down by a factor ``S`` (``p = 1/S``), the others run at full speed. The run ends
 when module 0 has made ``epochs`` passes over the data. Each module has its own cosine schedule over the number
 of steps it is expected to make (``p_j / p_0`` × the producer's steps).
@@ -28,7 +28,7 @@ from anytrain.nets import build_model
 def run(seed: int, slow_module: int, slowdown: float, buffer: int, epochs: int, k: int = 3) -> dict[str, Any]:
     data = load_dataset("mnist1d", seed=0)
     torch.manual_seed(seed)
-    net = build_model("cnn1d-exits", in_shape=data.input_shape, num_classes=data.num_classes, exits=k, head="mlp-sr")
+    net = build_model("cnn1d-exits", in_shape=data.input_shape, num_classes=data.num_classes, exits=k, head="conv1x1")
     part = partition_stages(k)
     opts = build_module_optimizers(
         net, part, lambda n, p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4)

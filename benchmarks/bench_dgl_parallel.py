@@ -33,7 +33,7 @@ from anytrain.rules import build_rule
 CONFIG = """\
 seed: 0
 data: {{name: mnist1d, batch_size: {batch}}}
-model: {{name: cnn1d-exits, exits: {k}, width: {width}, head: mlp-sr}}
+model: {{name: cnn1d-exits, exits: {k}, width: {width}, head: conv1x1}}
 rule: {{name: dgl}}
 optimizer: {{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}}
 schedule: {{name: cosine}}
@@ -58,7 +58,7 @@ def saved_bytes(fn) -> int:
 def activation_memory(k: int, width: int, batch: int) -> dict[str, Any]:
     data = load_dataset("mnist1d", seed=0)
     torch.manual_seed(0)
-    net = build_model("cnn1d-exits", in_shape=data.input_shape, num_classes=10, exits=k, width=width, head="mlp-sr")
+    net = build_model("cnn1d-exits", in_shape=data.input_shape, num_classes=10, exits=k, width=width, head="conv1x1")
     x, y = data.x_train[:batch], data.y_train[:batch]
     backprop = saved_bytes(lambda: F.cross_entropy(net(x)[-1], y))
     per_module, heads = [], []
@@ -89,7 +89,7 @@ def single_process(k: int, width: int, batch: int, epochs: int) -> dict[str, Any
     torch.set_num_threads(1)
     data = load_dataset("mnist1d", seed=0)
     torch.manual_seed(0)
-    net = build_model("cnn1d-exits", in_shape=data.input_shape, num_classes=10, exits=k, width=width, head="mlp-sr")
+    net = build_model("cnn1d-exits", in_shape=data.input_shape, num_classes=10, exits=k, width=width, head="conv1x1")
     rule = build_rule("dgl")
     rule.bind(net)
     opt = rule.make_optimizer(net, lambda n, p: build_optimizer("sgd", n, p, lr=0.05, momentum=0.9, weight_decay=5e-4))

@@ -209,7 +209,7 @@ def test_trainer_runs_greedy_rules_without_warnings(rule: str, tmp_path) -> None
             "model.name=cnn1d-exits",
             "model.exits=3",
             "model.width=8",
-            "model.head=mlp-sr",
+            "model.head=conv1x1",
             f"rule.name={rule}",
             "train.epochs=3",
             "train.device=cpu",

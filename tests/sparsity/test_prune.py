@@ -24,7 +24,8 @@ NETS = [
     ("vgg11-exits", dict(width_mult=0.125, exits_after=[1, 3]), (3, 16, 16)),
     ("preresnet20-exits", dict(width_mult=0.5), (3, 16, 16)),
     ("cnn1d-exits", dict(width=8), (1, 40)),
-    ("cnn2d-exits", dict(width=8, head="mlp-sr"), (1, 8, 8)),
+    ("cnn2d-exits", dict(width=8, head="conv1x1"), (1, 8, 8)),
+    ("cnn2d-exits", dict(width=8, head="mlp-sr", last_head="cnn"), (1, 8, 8)),
     ("nested-width", dict(), (1, 40)),
     ("nested-depth", dict(), (1, 40)),
 ]

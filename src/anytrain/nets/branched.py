@@ -9,8 +9,9 @@ Builders (registered in ``MODELS``):
   ``preresnet20/56/110-exits`` (CIFAR-style, 16/32/64 channels): pre-activation ResNets with exits after
   chosen residual blocks.
 
-Every builder takes ``in_shape`` and ``num_classes`` and a ``head`` option naming the exit head kind
-(see ``anytrain.nets.heads``).
+Every builder takes ``in_shape`` and ``num_classes``, a ``head`` option naming the exit head kind (see
+``anytrain.nets.heads``) with ``head_kwargs``, and optionally ``last_head``/``last_head_kwargs`` for the last
+exit alone (DGL's released code gives the last module its own head, ``mlp`` with ``layers: 2``).
 """
 
 from __future__ import annotations
@@ -50,9 +51,14 @@ def split_into_stages(
     head: str,
     head_kwargs: dict[str, Any] | None = None,
     pre_head: bool = False,
+    last_head: str | None = None,
+    last_head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """Group ``layers`` into stages ending after the layer indices in ``exits_after`` (the last must be the
-    final layer) and attach one head per stage. ``channels[i]`` is the output width of ``layers[i]``."""
+    final layer) and attach one head per stage (``last_head`` for the last stage when given).
+    ``channels[i]`` is the output width of ``layers[i]``."""
+    if last_head is None and last_head_kwargs:
+        raise ValueError("last_head_kwargs given without last_head")
     n = len(layers)
     ex = sorted({int(i) % n for i in exits_after})
     if not ex or ex[-1] != n - 1:
@@ -61,7 +67,10 @@ def split_into_stages(
     for end in ex:
         stages.append(nn.Sequential(*layers[start : end + 1]))
         c = channels[end]
-        h = make_head(head, c, num_classes, dims, **(head_kwargs or {}))
+        if end == ex[-1] and last_head is not None:
+            h = make_head(last_head, c, num_classes, dims, **(last_head_kwargs or {}))
+        else:
+            h = make_head(head, c, num_classes, dims, **(head_kwargs or {}))
         if pre_head:  # pre-activation nets leave the trunk's output un-normalised
             h = nn.Sequential(_bn(dims)(c), nn.ReLU(inplace=True), h)
         exits.append(h)
@@ -84,6 +93,8 @@ def cnn1d_exits(
     exits: int = 4,
     head: str = "linear",
     head_kwargs: dict[str, Any] | None = None,
+    last_head: str | None = None,
+    last_head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """1-D CNN: ``exits`` stages of two 3-wide conv-BN-ReLU layers; stage k>0 halves the length."""
     shape = _check_shape(in_shape, 1, "cnn1d-exits")
@@ -101,7 +112,7 @@ def cnn1d_exits(
         layers.append(block)
         channels.append(cout)
         cin = cout
-    return split_into_stages(layers, channels, range(exits), 1, num_classes, head, head_kwargs)
+    return split_into_stages(layers, channels, range(exits), 1, num_classes, head, head_kwargs, last_head=last_head, last_head_kwargs=last_head_kwargs)
 
 
 @MODELS.register("cnn2d-exits", "small 2-D CNN with side exits (8x8 digits)")
@@ -112,6 +123,8 @@ def cnn2d_exits(
     exits: int = 3,
     head: str = "linear",
     head_kwargs: dict[str, Any] | None = None,
+    last_head: str | None = None,
+    last_head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """2-D CNN: ``exits`` stages of one 3×3 conv-BN-ReLU; stage k>0 doubles width and halves resolution while
     the map is larger than 2×2."""
@@ -128,7 +141,7 @@ def cnn2d_exits(
         layers.append(nn.Sequential(conv_bn_relu(cin, cout, 2, stride=stride), conv_bn_relu(cout, cout, 2)))
         channels.append(cout)
         cin = cout
-    return split_into_stages(layers, channels, range(exits), 2, num_classes, head, head_kwargs)
+    return split_into_stages(layers, channels, range(exits), 2, num_classes, head, head_kwargs, last_head=last_head, last_head_kwargs=last_head_kwargs)
 
 
 VGG_CFGS: dict[str, list[int | str]] = {
@@ -169,6 +182,8 @@ def vgg_exits(
     width_mult: float = 1.0,
     head: str = "linear",
     head_kwargs: dict[str, Any] | None = None,
+    last_head: str | None = None,
+    last_head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """VGG-BN. The trunk is cut into blocks, each ending in a 2×2 max-pool; ``exits_after`` lists the block
     indices (0-based) after which an exit sits; the final block always has one. With 32×32 inputs the last
@@ -190,7 +205,7 @@ def vgg_exits(
             cout = max(1, int(round(int(v) * width_mult)))
             cur.append(conv_bn_relu(cin, cout, 2))
             cin = cout
-    return split_into_stages(blocks, channels, exits_after, 2, num_classes, head, head_kwargs)
+    return split_into_stages(blocks, channels, exits_after, 2, num_classes, head, head_kwargs, last_head=last_head, last_head_kwargs=last_head_kwargs)
 
 
 for _d in VGG_CFGS:
@@ -239,6 +254,8 @@ def preresnet_exits(
     width_mult: float = 1.0,
     head: str = "linear",
     head_kwargs: dict[str, Any] | None = None,
+    last_head: str | None = None,
+    last_head_kwargs: dict[str, Any] | None = None,
 ) -> StagedNet:
     """Pre-activation ResNet for 32×32 inputs. Layer 0 is the stem conv, then one layer per residual block;
     ``exits_after`` indexes those layers (default: the end of every group of blocks)."""
@@ -256,7 +273,7 @@ def preresnet_exits(
             cin = w
         group_ends.append(len(layers) - 1)
     ex = list(exits_after) if exits_after is not None else group_ends
-    return split_into_stages(layers, channels, ex, 2, num_classes, head, head_kwargs, pre_head=True)
+    return split_into_stages(layers, channels, ex, 2, num_classes, head, head_kwargs, True, last_head, last_head_kwargs)
 
 
 for _d in PRERESNET_CFGS:
