@@ -65,15 +65,45 @@ def test_buffer_sampling_is_uniform_and_state_round_trips() -> None:
         ReplayBuffer(0)
 
 
-def test_async_with_full_speed_and_capacity_one_is_synchronous_dgl() -> None:
+def test_least_used_sampling_matches_a_hand_written_reference() -> None:
+    # Reference: a list of [value, uses], oldest first; put appends (drops the oldest when full); a draw takes
+    # the entry with the fewest uses, the newest (highest index) among ties.
+    gen = torch.Generator().manual_seed(5)
+    buf = ReplayBuffer(4, sampling="least_used")
+    ref: list[list[float]] = []
+    drawn, expected = [], []
+    for i in range(300):
+        if float(torch.rand((), generator=gen)) < 0.35:
+            buf.put(t(i), t(i))
+            if len(ref) == 4:
+                ref.pop(0)
+            ref.append([float(i), 0])
+        elif ref:
+            fewest = min(u for _, u in ref)
+            k = max(j for j, (_, u) in enumerate(ref) if u == fewest)
+            ref[k][1] += 1
+            expected.append(ref[k][0])
+            drawn.append(float(buf.sample()[0]))
+    assert drawn == expected and len(drawn) > 100
+    # the use counts survive a state round trip
+    other = ReplayBuffer(4, sampling="least_used")
+    other.load_state_dict(buf.state_dict())
+    assert [float(other.sample()[0]) for _ in range(9)] == [float(buf.sample()[0]) for _ in range(9)]
+    with pytest.raises(ValueError, match="sampling"):
+        ReplayBuffer(2, sampling="lifo")
+
+
+@pytest.mark.parametrize("sampling,updates", [("uniform", "until_first_done"), ("least_used", "equal")])
+def test_async_with_full_speed_and_capacity_one_is_synchronous_dgl(sampling: str, updates: str) -> None:
     data = batches(6)
     a = small_net(3)
     b = copy.deepcopy(a)
     rule = build_rule("dgl")
     rule.bind(a)
     opt = rule.make_optimizer(a, lambda n, p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-    stats = train_async_dgl(a, rule.partition, opt.optimizers, data, 1, AsyncConfig(step_prob=[1, 1, 1], buffer_size=1))
-    assert stats.steps == [6, 6, 6]
+    cfg = AsyncConfig(step_prob=[1, 1, 1], buffer_size=1, sampling=sampling, updates=updates)
+    stats = train_async_dgl(a, rule.partition, opt.optimizers, data, 1, cfg)
+    assert stats.steps == [6, 6, 6] and stats.forward_only == [0, 0, 0]
     rule_b = build_rule("dgl")
     rule_b.bind(b)
     opt_b = rule_b.make_optimizer(b, lambda n, p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
@@ -104,3 +134,28 @@ def test_async_slow_producer_consumer_replays_and_slow_consumer_steps_less() -> 
     assert slow_cons.buffers[0]["dropped"] == 40 - 5  # uniform draws keep entries: only eviction removes
     with pytest.raises(ValueError):
         AsyncConfig(step_prob=[0.0, 1.0])
+
+
+def test_equal_updates_every_module_makes_the_same_number_and_finished_modules_only_forward() -> None:
+    data = batches(12, batch=4)
+    base = small_net(3)
+    runs = {}
+    for updates in ("until_first_done", "equal"):
+        net = copy.deepcopy(base)
+        rule = build_rule("dgl")
+        rule.bind(net)
+        opt = rule.make_optimizer(net, lambda n, p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+        cfg = AsyncConfig(step_prob=[1.0, 0.5, 1.0], buffer_size=3, seed=2, updates=updates)
+        runs[updates] = (net, train_async_dgl(net, rule.partition, opt.optimizers, data, 2, cfg))
+    first, equal = runs["until_first_done"][1], runs["equal"][1]
+    assert first.steps[0] == 24 and first.steps[1] < 20  # the 2x slower module got about half the updates
+    assert equal.steps == [24, 24, 24]
+    assert equal.forward_only[0] > 0 and equal.forward_only[2] == 0  # module 0 kept feeding the slow module
+    # module 0's updates do not depend on the others, and its forward-only passes (eval mode, no grad) change
+    # nothing: its weights and batch-norm statistics are the same in both runs
+    a, b = runs["until_first_done"][0], runs["equal"][0]
+    for (k, v), (_, w) in zip(a.stages[0].state_dict().items(), b.stages[0].state_dict().items()):
+        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
+    assert all(m.training for m in b.modules())
+    with pytest.raises(ValueError, match="updates"):
+        AsyncConfig(step_prob=[1.0], updates="all")
