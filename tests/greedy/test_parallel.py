@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from anytrain.config import load_config
-from anytrain.greedy.parallel import FAULT_ENV, latest_complete_epoch
+from anytrain.greedy.parallel import FAULT_ENV, SLOW_ENV, latest_complete_epoch
 from anytrain.train import Trainer
 
 CONFIG = """\
@@ -88,6 +88,26 @@ def test_dead_rank_exits_nonzero_naming_it_then_resume_matches(reference, tmp_pa
     assert p.returncode == 0, p.stderr[-2000:]
     stats = json.loads((tmp_path / "replay" / "buffer_rank1.json").read_text())
     assert stats["puts"] == 32 and stats["draws"] >= 1
+
+
+@pytest.mark.distributed
+def test_replay_every_rank_takes_exactly_its_scheduled_steps_at_unequal_speeds(tmp_path: Path) -> None:
+    # 3 ranks, 3 epochs of 16 batches: every rank's schedule has 48 steps. Rank 1 is made slower than its
+    # producer (it must keep replaying after the producer's end of data) and rank 2 is then faster than its
+    # producer (it must stop at 48 and wait, not keep stepping at lr 0 until the end of the data arrives).
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG.replace("exits: 2", "exits: 3").replace("epochs: 2", "epochs: 3"))
+    out = tmp_path / "replay"
+    p, _ = run(cfg, out, "--buffer", "3", env={SLOW_ENV: "1:0.03"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    total = 3 * (512 // 32)
+    for r in range(3):
+        assert json.loads((out / f"rank{r}.json").read_text())["steps"] == total, r
+        shard = torch.load(out / "checkpoints" / "final" / f"rank{r}.pt", map_location="cpu", weights_only=True)
+        assert shard["steps"] == total and shard["scheduler"]["last_epoch"] == total, r
+        assert shard["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12), r  # cosine's end
+    puts = json.loads((out / "buffer_rank2.json").read_text())["puts"]
+    assert puts == total  # rank 1 sent one batch per step it took
 
 
 def test_bad_input_is_one_line_error(tmp_path: Path) -> None:

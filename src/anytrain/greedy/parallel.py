@@ -15,7 +15,10 @@ Two consumption modes:
   random draws interleave differently across processes.)
 - ``buffer=M`` (asynchronous, replay): a receiver thread puts incoming batches into a ``ReplayBuffer`` of ``M``
   batches (full → oldest dropped) and the rank trains on uniform draws from it, so it never waits for a slow
-  producer once the buffer holds something.
+  producer once the buffer holds something. Every rank takes exactly its scheduled ``epochs × batches per
+  epoch`` steps, so its LR schedule ends where it should: a rank faster than its producer stops updating when
+  it has made them (it still checkpoints at the markers), one slower keeps drawing from its buffer after the
+  producer's end-of-data until it has made them; only then does it pass the end-of-data on.
 
 Messages from rank ``j`` to ``j+1`` are a pair (header, activation). The header is ``int64[2 + B]``:
 ``[flag, epoch, y_1..y_B]`` with flag ``DATA``, ``MARK`` (end of an epoch: checkpoint) or ``END`` (end of the
@@ -72,6 +75,7 @@ DATA, MARK, END = 1, 2, 0
 PEER_FAILURE = 3  # exit code of a rank that stopped because a peer failed (peer unknown)
 PEER_BASE = 64  # exit code PEER_BASE + p: this rank stopped because peer rank p died or stopped answering
 FAULT_ENV = "ANYTRAIN_DGL_FAULT"  # "rank:step[:hang]": that rank dies (or hangs) at that step; for tests
+SLOW_ENV = "ANYTRAIN_DGL_SLOW"  # "rank:seconds[,rank:seconds]": those ranks sleep that long every step; for tests
 
 
 @dataclass(kw_only=True)
@@ -338,6 +342,10 @@ def _save_shard(rm: RankModule, out: Path, epoch: int | None, buffer: ReplayBuff
 def _fault(rank: int, step: int) -> None:
     """Fault injection for the tests: ``ANYTRAIN_DGL_FAULT=rank:step`` kills that rank at that step,
     ``rank:step:hang`` makes it stop answering (sleep forever) instead."""
+    for item in filter(None, os.environ.get(SLOW_ENV, "").split(",")):
+        r, secs = item.split(":")
+        if int(r) == rank:
+            time.sleep(float(secs))
     spec = os.environ.get(FAULT_ENV, "")
     if spec:
         r, s, *mode = spec.split(":")
@@ -428,11 +436,14 @@ def _consume_replay(
     th = threading.Thread(target=receive, name=f"dgl-recv-{rm.rank}", daemon=True)
     th.start()
     epoch = 0
-    while True:
+    total = rm.epochs * rm.steps_per_epoch  # the scheduled number of steps, whatever the producer's pace
+    ended = False  # the producer's end-of-data has arrived
+    while not (ended and rm.steps >= total):
         if failure:
             raise failure[0]
-        try:
-            flag, epoch = control.get_nowait()
+        finished = rm.steps >= total
+        try:  # a rank that has made its steps only waits for control messages (bounded wait)
+            flag, epoch = control.get(timeout=0.05) if finished else control.get_nowait()
         except queue.Empty:
             flag = DATA
         if flag == MARK:
@@ -442,14 +453,16 @@ def _consume_replay(
             resume.set()
             continue
         if flag == END:
-            _save_shard(rm, out, None, buf)
-            if not last:
-                ch.send(END, epoch, None, None)
-            break
+            ended = True
+            continue
+        if not ended and not th.is_alive() and not failure and control.empty():
+            raise PeerError(f"the receiver of rank {rm.rank} stopped before the end of the data", rm.rank - 1)
+        if finished:
+            continue
         got = buf.sample(timeout=0.05)
         if got is None:  # nothing buffered yet; the receiver thread's own waits are bounded by the timeout
-            if not th.is_alive() and not failure and control.empty():
-                raise PeerError(f"the receiver of rank {rm.rank} stopped before the end of the data", rm.rank - 1)
+            if ended:
+                raise PeerError(f"rank {rm.rank} received no data before the end of the data", rm.rank - 1)
             continue
         x, y = got
         _fault(rm.rank, rm.steps)
@@ -457,6 +470,9 @@ def _consume_replay(
         if not last:
             ch.send(DATA, epoch, y, z.detach())
         rm.update(logits, y)
+    _save_shard(rm, out, None, buf)
+    if not last:
+        ch.send(END, epoch, None, None)
     ch.flush()
     th.join(timeout)
     (out / f"buffer_rank{rm.rank}.json").write_text(json.dumps(buf.stats()) + "\n")
