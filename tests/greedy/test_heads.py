@@ -142,7 +142,9 @@ def _released_forward(aux: str, sd: dict[str, torch.Tensor], x: torch.Tensor) ->
         return F.linear(x.flatten(1), sd["classifier.weight"], sd["classifier.bias"])
     x = x.flatten(1)
     for i in range(mlp_layers):
-        x = F.relu(bn(f"classifier.{3 * i + 1}", F.linear(x, sd[f"classifier.{3 * i}.weight"], sd[f"classifier.{3 * i}.bias"])))
+        x = F.relu(
+            bn(f"classifier.{3 * i + 1}", F.linear(x, sd[f"classifier.{3 * i}.weight"], sd[f"classifier.{3 * i}.bias"]))
+        )
     return F.linear(x, sd[f"classifier.{3 * mlp_layers}.weight"], sd[f"classifier.{3 * mlp_layers}.bias"])
 
 
@@ -170,7 +172,9 @@ def test_released_mlp_sr_parameter_count_at_32_channels() -> None:
 
 
 def test_last_head_option_gives_the_last_exit_its_own_head() -> None:
-    net = build_model("cnn2d-exits", in_shape=(1, 8, 8), exits=3, head="mlp-sr", last_head="mlp", last_head_kwargs={"layers": 2})
+    net = build_model(
+        "cnn2d-exits", in_shape=(1, 8, 8), exits=3, head="mlp-sr", last_head="mlp", last_head_kwargs={"layers": 2}
+    )
     kinds = [(len(h.blocks), len(h.classifier)) for h in net.exits]
     assert kinds == [(3, 10), (3, 10), (0, 7)]
     with pytest.raises(ValueError, match="last_head"):

@@ -349,9 +349,7 @@ def _authors_reference(net: nn.Module, grads: list[dict[str, torch.Tensor]], *, 
     the buffer itself (not dampened) for every tensor that is not 1-D; conv weights (4-D): group lasso per
     output filter; linear weights (2-D): lasso; everything else a plain step. Heads are not sparsified."""
     w = {k: v.detach().clone() for k, v in net.named_parameters()}
-    sparse = {
-        k for k, v in w.items() if k.startswith("stages") and k.endswith("weight") and v.dim() in (2, 4)
-    }
+    sparse = {k for k, v in w.items() if k.startswith("stages") and k.endswith("weight") and v.dim() in (2, 4)}
     buf: dict[str, torch.Tensor] = {}
     z = {k: torch.zeros_like(w[k]) for k in sparse}
     gamma = {k: torch.zeros_like(w[k]) for k in sparse}
@@ -396,14 +394,24 @@ def test_authors_decay_matches_hand_written_released_update(momentum: float, dam
     # large κ·lr/ν and gradients so Γ leaves zero within the run, and a large decay so the conventions differ
     hp = dict(lr=0.5, kappa=1.0, mu=1.0, momentum=momentum, damp=damp, wd=0.05)
     gen = torch.Generator().manual_seed(1)
-    grads = [{k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in net.named_parameters()} for _ in range(12)]
+    grads = [
+        {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in net.named_parameters()}
+        for _ in range(12)
+    ]
     w_ref, gamma_ref = _authors_reference(net, grads, **hp)
 
     def run(decay: str) -> tuple[nn.Module, torch.optim.Optimizer]:
         m = copy.deepcopy(net)
         opt = build_optimizer(
-            "slbi", m, lr=hp["lr"], kappa=hp["kappa"], mu=hp["mu"], momentum=momentum, dampening=damp,
-            weight_decay=hp["wd"], decay=decay,
+            "slbi",
+            m,
+            lr=hp["lr"],
+            kappa=hp["kappa"],
+            mu=hp["mu"],
+            momentum=momentum,
+            dampening=damp,
+            weight_decay=hp["wd"],
+            decay=decay,
         )
         params = dict(m.named_parameters())
         for step in grads:

@@ -112,7 +112,17 @@ def cnn1d_exits(
         layers.append(block)
         channels.append(cout)
         cin = cout
-    return split_into_stages(layers, channels, range(exits), 1, num_classes, head, head_kwargs, last_head=last_head, last_head_kwargs=last_head_kwargs)
+    return split_into_stages(
+        layers,
+        channels,
+        range(exits),
+        1,
+        num_classes,
+        head,
+        head_kwargs,
+        last_head=last_head,
+        last_head_kwargs=last_head_kwargs,
+    )
 
 
 @MODELS.register("cnn2d-exits", "small 2-D CNN with side exits (8x8 digits)")
@@ -141,7 +151,17 @@ def cnn2d_exits(
         layers.append(nn.Sequential(conv_bn_relu(cin, cout, 2, stride=stride), conv_bn_relu(cout, cout, 2)))
         channels.append(cout)
         cin = cout
-    return split_into_stages(layers, channels, range(exits), 2, num_classes, head, head_kwargs, last_head=last_head, last_head_kwargs=last_head_kwargs)
+    return split_into_stages(
+        layers,
+        channels,
+        range(exits),
+        2,
+        num_classes,
+        head,
+        head_kwargs,
+        last_head=last_head,
+        last_head_kwargs=last_head_kwargs,
+    )
 
 
 VGG_CFGS: dict[str, list[int | str]] = {
@@ -205,7 +225,17 @@ def vgg_exits(
             cout = max(1, int(round(int(v) * width_mult)))
             cur.append(conv_bn_relu(cin, cout, 2))
             cin = cout
-    return split_into_stages(blocks, channels, exits_after, 2, num_classes, head, head_kwargs, last_head=last_head, last_head_kwargs=last_head_kwargs)
+    return split_into_stages(
+        blocks,
+        channels,
+        exits_after,
+        2,
+        num_classes,
+        head,
+        head_kwargs,
+        last_head=last_head,
+        last_head_kwargs=last_head_kwargs,
+    )
 
 
 for _d in VGG_CFGS:

@@ -33,10 +33,9 @@ multiply-adds a head adds per sample with the same counter as ``StagedNet.flops_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +121,15 @@ class DGLHead(nn.Module):
     """
 
     def __init__(
-        self, channels: int, num_classes: int, dims: int, *, conv_layers: int, kernel: int, reduce: bool, mlp_layers: int
+        self,
+        channels: int,
+        num_classes: int,
+        dims: int,
+        *,
+        conv_layers: int,
+        kernel: int,
+        reduce: bool,
+        mlp_layers: int,
     ) -> None:
         super().__init__()
         if dims not in (1, 2):
@@ -133,7 +140,8 @@ class DGLHead(nn.Module):
         c = int(channels)
         self.dims, self.reduce = dims, bool(reduce)
         self.blocks = nn.ModuleList(
-            nn.Sequential(conv(c, c, kernel, padding=kernel // 2, bias=False), _norm(dims, c)) for _ in range(conv_layers)
+            nn.Sequential(conv(c, c, kernel, padding=kernel // 2, bias=False), _norm(dims, c))
+            for _ in range(conv_layers)
         )
         self.bn = _norm(dims, c) if mlp_layers == 0 else None
         feat = c * 2**dims
@@ -144,15 +152,20 @@ class DGLHead(nn.Module):
         self.register_load_state_dict_pre_hook(_drop_unused_bn)
 
     def forward(self, x: Tensor) -> Tensor:
-        pool = F.adaptive_avg_pool1d if self.dims == 1 else F.adaptive_avg_pool2d
-        if self.reduce:
-            x = pool(x, [math.ceil(s / 4) for s in x.shape[2:]])
+        if self.reduce:  # to ⌈S/4⌉ per spatial dimension
+            x = self._pool(x, [math.ceil(s / 4) for s in x.shape[2:]])
         for block in self.blocks:
             x = F.relu(block(x))
-        x = pool(x, 2)
+        x = self._pool(x, [2] * self.dims)
         if self.bn is not None:
             x = self.bn(x)
         return self.classifier(x.flatten(1))
+
+    @staticmethod
+    def _pool(x: Tensor, size: list[int]) -> Tensor:
+        if len(size) == 1:
+            return F.adaptive_avg_pool1d(x, size[0])
+        return F.adaptive_avg_pool2d(x, (size[0], size[1]))
 
 
 def _drop_unused_bn(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -178,7 +191,9 @@ def mlp_head(channels: int, num_classes: int, dims: int, layers: int = 3) -> nn.
 def mlp_sr_head(channels: int, num_classes: int, dims: int, layers: int = 3, mlp_layers: int = 3) -> nn.Module:
     if int(layers) < 1 or int(mlp_layers) < 1:
         raise ValueError(f"mlp-sr head needs layers, mlp_layers >= 1, got {layers}, {mlp_layers}")
-    return DGLHead(channels, num_classes, dims, conv_layers=int(layers), kernel=1, reduce=True, mlp_layers=int(mlp_layers))
+    return DGLHead(
+        channels, num_classes, dims, conv_layers=int(layers), kernel=1, reduce=True, mlp_layers=int(mlp_layers)
+    )
 
 
 def make_head(kind: str, channels: int, num_classes: int, dims: int, **kw: Any) -> nn.Module:
