@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +142,63 @@ def test_optimizer_gn_mse_mode_reproduces_the_closed_form_step() -> None:
     expected = dl.step(ws, teacher.M, "fractional", lr, alpha=alpha, damping=lam)
     for layer, w in zip(net, expected):
         torch.testing.assert_close(layer.weight.detach(), w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The flows: which rules conserve balance in continuous time, and the ODE integration against closed forms
+
+
+@pytest.mark.parametrize("rule,alpha,damping", [("gd", 0.0, 0.0), ("ngd", 0.0, 0.0), ("ngd", 0.0, 1e-3)])
+def test_gd_and_full_ngd_flows_conserve_balance_and_blockwise_rules_do_not(rule, alpha, damping) -> None:
+    ws = dl.init_student([4, 5, 5, 4], 0.7, seed=11)
+    M = dl.make_teacher(4, 4, [2.0, 1.0]).M
+
+    def D(w: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [b.T @ b - a @ a.T for a, b in zip(w[:-1], w[1:])]
+
+    def fd_rate(dirs: list[torch.Tensor], h: float = 1e-6) -> list[torch.Tensor]:
+        # central difference of D along the flow dW/dt = −dirs (independent of balance_rate)
+        plus = D([w - h * d for w, d in zip(ws, dirs)])
+        minus = D([w + h * d for w, d in zip(ws, dirs)])
+        return [(p - m) / (2 * h) for p, m in zip(plus, minus)]
+
+    dirs = dl.direction(ws, M, rule, alpha, damping)
+    for rate, ref in zip(dl.balance_rate(ws, dirs), fd_rate(dirs)):
+        torch.testing.assert_close(rate, ref, rtol=1e-6, atol=1e-8)
+        scale = max(float(d.abs().max()) for d in dirs) * max(float(w.abs().max()) for w in ws)
+        assert float(rate.abs().max()) < 1e-10 * scale  # exactly conserved: zero up to round-off
+    for a in (0.5, 1.0):  # block-diagonal preconditioning breaks the conservation
+        fdirs = dl.direction(ws, M, "fractional", a, 1e-4)
+        rates = dl.balance_rate(ws, fdirs)
+        for rate, ref in zip(rates, fd_rate(fdirs)):
+            torch.testing.assert_close(rate, ref, rtol=1e-6, atol=1e-8)
+        assert max(float(r.abs().max()) for r in rates) > 1e-2
+
+
+def test_full_ngd_flow_follows_the_closed_form_and_conserves_balance() -> None:
+    # With J of full row rank, dW_tot/dt = −J J⁺ vec(E) = −E, so E(t) = e^{−t} E(0) and loss(t) = e^{−2t} loss(0).
+    teacher = dl.make_teacher(3, 3, [2.0, 1.0], seed=2)
+    ws0 = dl.init_student([3, 3, 3, 3], 0.5, seed=3)
+    h = dl.integrate([w.clone() for w in ws0], teacher, "ngd", 3.0, stop_below=None, rtol=1e-10, atol=1e-12)
+    assert h.times[-1] == pytest.approx(3.0) and len(h.times) > 5
+    for t, loss in zip(h.times, h.loss):
+        assert loss == pytest.approx(h.loss[0] * torch.exp(torch.tensor(-2.0 * t)).item(), rel=1e-6)
+    b0 = h.balance[0]
+    for b in h.balance:
+        assert b == pytest.approx(b0, rel=1e-7)
+    e0 = dl.product(ws0, 0, 3) - teacher.M
+    torch.testing.assert_close(dl.product(h.weights, 0, 3) - teacher.M, e0 * math.exp(-3.0), rtol=1e-6, atol=1e-9)
+
+
+def test_integrated_gd_flow_is_the_limit_of_small_steps() -> None:
+    # Euler steps of size η are first order: the distance to the flow at a fixed time halves with η.
+    teacher = dl.make_teacher(3, 3, [2.0, 1.0], seed=4)
+    ws0 = dl.init_student([3, 4, 3], 0.6, seed=5)
+    T = 1.0
+    flow = dl.integrate([w.clone() for w in ws0], teacher, "gd", T, stop_below=None, rtol=1e-11, atol=1e-13)
+    errs = []
+    for lr in (0.01, 0.005):
+        run = dl.simulate([w.clone() for w in ws0], teacher, "gd", lr, int(round(T / lr)), record_every=10**6)
+        errs.append(max(float((a - b).abs().max()) for a, b in zip(run.weights, flow.weights)))
+    assert errs[1] == pytest.approx(errs[0] / 2, rel=0.1)
+    assert max(flow.balance[-1]) == pytest.approx(max(flow.balance[0]), rel=1e-8)  # and the flow conserves balance

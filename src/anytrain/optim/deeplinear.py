@@ -13,9 +13,16 @@ Rules compared (all on the same functions, float64):
     ``ngd``         full natural gradient, the pseudo-inverse of the whole Gauss–Newton matrix: with
                     ``J = ∂vec(W_tot)/∂θ``, ``Δθ = (JᵀJ)⁺ Jᵀ vec(E) = J⁺ vec(E)`` (λ > 0: ``(JᵀJ + λI)⁻¹Jᵀ vec(E)``)
 
-Weight balance ``D_l = W_{l+1}ᵀ W_{l+1} − W_l W_lᵀ`` is conserved by gradient flow. A gradient-descent step
-changes it by exactly ``η² (∇_{l+1}ᵀ ∇_{l+1} − ∇_l ∇_lᵀ)`` (the first-order terms cancel because
-``W_{l+1}ᵀ ∇_{l+1} = ∇_l W_lᵀ``), so the drift of GD is O(η²) per step and O(η) at a fixed time ``η·t``.
+Weight balance ``D_l = W_{l+1}ᵀ W_{l+1} − W_l W_lᵀ`` is conserved by any flow ``dW_l/dt = −W_{>l}ᵀ X W_{<l}ᵀ``
+with one matrix ``X`` shared by all layers (then ``W_{l+1}ᵀ dW_{l+1} = dW_l W_lᵀ``). Gradient flow has this form
+(``X = E``) and so does full natural-gradient flow (``Δθ = Jᵀ (J Jᵀ + λI)⁺ vec(E)``, ``X`` = that vector as a
+matrix): both conserve balance exactly in continuous time. Block-diagonal NGD and the fractional rules
+precondition each layer separately and do not. ``balance_rate`` computes ``dD_l/dt`` of a direction.
+
+A gradient-descent *step* changes the balance by exactly ``η² (∇_{l+1}ᵀ ∇_{l+1} − ∇_l ∇_lᵀ)`` (the first-order
+terms cancel), so the drift of GD is O(η²) per step and O(η) at a fixed time ``η·t``; a finite NGD step can
+drift much more (its steps are large where ``J`` is small). ``simulate`` runs finite steps; ``integrate`` runs
+the flow with an adaptive ODE solver (SciPy's ``solve_ivp``, DOP853) and records every accepted solver step.
 """
 
 from __future__ import annotations
@@ -38,8 +45,11 @@ __all__ = [
     "full_gn_jacobian",
     "balance",
     "mode_strengths",
+    "direction",
+    "balance_rate",
     "step",
     "simulate",
+    "integrate",
     "whitened_inputs",
 ]
 
@@ -130,8 +140,9 @@ def mode_strengths(ws: Sequence[Tensor], teacher: Teacher) -> Tensor:
     return torch.einsum("oi,oj,ji->i", teacher.U, product(ws, 0, len(ws)), teacher.V)
 
 
-def step(ws: list[Tensor], M: Tensor, rule: str, lr: float, alpha: float = 0.5, damping: float = 0.0) -> list[Tensor]:
-    """One step of ``gd``, ``fractional`` (exponent ``alpha``) or ``ngd`` (full, pseudo-inverse)."""
+def direction(ws: Sequence[Tensor], M: Tensor, rule: str, alpha: float = 0.5, damping: float = 0.0) -> list[Tensor]:
+    """``Δ_l`` of ``gd``, ``fractional`` (exponent ``alpha``) or ``ngd`` (full, pseudo-inverse): a step is
+    ``W_l ← W_l − η Δ_l``, the flow ``dW_l/dt = −Δ_l``."""
     grads = gradients(ws, M)
     if rule == "gd":
         dirs = grads
@@ -150,14 +161,30 @@ def step(ws: list[Tensor], M: Tensor, rule: str, lr: float, alpha: float = 0.5, 
             i += w.numel()
     else:
         raise ValueError(f"unknown rule {rule!r} (gd, fractional, ngd)")
-    return [w - lr * d for w, d in zip(ws, dirs)]
+    return dirs
+
+
+def step(ws: list[Tensor], M: Tensor, rule: str, lr: float, alpha: float = 0.5, damping: float = 0.0) -> list[Tensor]:
+    """One step ``W_l ← W_l − lr·Δ_l`` of ``rule`` (see :func:`direction`)."""
+    return [w - lr * d for w, d in zip(ws, direction(ws, M, rule, alpha, damping))]
+
+
+def balance_rate(ws: Sequence[Tensor], dirs: Sequence[Tensor]) -> list[Tensor]:
+    """``dD_l/dt`` along the flow ``dW_l/dt = −dirs[l]``, with ``D_l = W_{l+1}ᵀ W_{l+1} − W_l W_lᵀ``."""
+    out = []
+    for l in range(len(ws) - 1):
+        a, b, da, db = ws[l], ws[l + 1], -dirs[l], -dirs[l + 1]
+        out.append(db.T @ b + b.T @ db - da @ a.T - a @ da.T)
+    return out
 
 
 @dataclass
 class History:
-    """What ``simulate`` records every ``record_every`` steps."""
+    """What ``simulate`` records every ``record_every`` steps and ``integrate`` at every accepted solver step:
+    the step index, the time (``lr·step`` for finite steps), loss, mode strengths and balance."""
 
     steps: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     modes: list[list[float]] = field(default_factory=list)
     balance: list[list[float]] = field(default_factory=list)
@@ -167,6 +194,7 @@ class History:
     def as_dict(self) -> dict[str, object]:
         return {
             "steps": self.steps,
+            "times": self.times,
             "loss": self.loss,
             "modes": self.modes,
             "balance": self.balance,
@@ -193,6 +221,7 @@ def simulate(
             hist.diverged_at = t
         if t % record_every == 0 or t == steps or hist.diverged_at is not None:
             hist.steps.append(t)
+            hist.times.append(lr * t)
             hist.loss.append(loss)
             hist.modes.append(mode_strengths(ws, teacher).tolist())
             hist.balance.append(balance(ws))
@@ -201,4 +230,61 @@ def simulate(
         if t < steps:
             ws = step(ws, teacher.M, rule, lr, alpha, damping)
     hist.weights = ws
+    return hist
+
+
+def integrate(
+    ws: list[Tensor],
+    teacher: Teacher,
+    rule: str,
+    t_end: float,
+    alpha: float = 0.5,
+    damping: float = 0.0,
+    rtol: float = 1e-9,
+    atol: float = 1e-12,
+    stop_below: float | None = 1e-9,
+) -> History:
+    """Integrate the flow ``dW_l/dt = −Δ_l`` of ``rule`` from ``t = 0`` to ``t_end`` with SciPy's DOP853
+    (explicit Runge–Kutta of order 8, adaptive steps at tolerances ``rtol``/``atol``), recording loss, modes and
+    balance at every accepted solver step. Stops early once the loss is below ``stop_below`` × its initial
+    value (``None``: never). ``History.steps`` counts solver steps; ``History.times`` holds the times."""
+    import numpy as np
+    from scipy.integrate import solve_ivp
+
+    shapes = [w.shape for w in ws]
+    sizes = [w.numel() for w in ws]
+
+    def unflatten(y: np.ndarray) -> list[Tensor]:
+        parts = torch.split(torch.from_numpy(np.ascontiguousarray(y)).to(DTYPE), sizes)
+        return [p.reshape(s) for p, s in zip(parts, shapes)]
+
+    def loss_of(y: np.ndarray) -> float:
+        return 0.5 * float(((product(unflatten(y), 0, len(ws)) - teacher.M) ** 2).sum())
+
+    def rhs(_t: float, y: np.ndarray) -> np.ndarray:
+        dirs = direction(unflatten(y), teacher.M, rule, alpha, damping)
+        return -torch.cat([d.reshape(-1) for d in dirs]).numpy()
+
+    y0 = torch.cat([w.reshape(-1) for w in ws]).numpy()
+    loss0 = loss_of(y0)
+    events = []
+    if stop_below is not None:
+
+        def converged(_t: float, y: np.ndarray) -> float:
+            return loss_of(y) - stop_below * loss0
+
+        converged.terminal = True  # type: ignore[attr-defined]
+        events.append(converged)
+    sol = solve_ivp(rhs, (0.0, float(t_end)), y0, method="DOP853", rtol=rtol, atol=atol, events=events or None)
+    if sol.status < 0:
+        raise RuntimeError(f"integrate: the ODE solver failed: {sol.message}")
+    hist = History()
+    for i, (t, y) in enumerate(zip(sol.t, sol.y.T)):
+        w = unflatten(y)
+        hist.steps.append(i)
+        hist.times.append(float(t))
+        hist.loss.append(loss_of(y))
+        hist.modes.append(mode_strengths(w, teacher).tolist())
+        hist.balance.append(balance(w))
+    hist.weights = unflatten(sol.y[:, -1])
     return hist
