@@ -246,13 +246,17 @@ class _OutputGradStat(torch.autograd.Function):
     accumulates the statistic, with no hook and no Python side effect, so ``torch.compile`` traces it."""
 
     @staticmethod
-    def forward(ctx: Any, output: Tensor, probe: Tensor, counter: Tensor, linear: bool, groups: int) -> Tensor:
-        ctx.linear, ctx.groups = linear, groups
+    def forward(output: Tensor, probe: Tensor, counter: Tensor, linear: bool, groups: int) -> Tensor:
         return output.view_as(output)
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _, probe, _, ctx.linear, ctx.groups = inputs
+        ctx.dtype = probe.dtype
+
+    @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
-        gf = _stat(g)
+        gf = g.to(ctx.dtype)
         rows = (
             gf.reshape(-1, 1, g.shape[-1])
             if ctx.linear
@@ -453,8 +457,11 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 self._handles.append(m.register_forward_hook(partial(self._forward_hook, layer, i)))
                 if capture == "functional":
                     o = layer.weight.shape[0] // layer.groups
-                    probe = torch.zeros(layer.groups, o, o, device=layer.weight.device, requires_grad=True)
-                    layer.probes.append((probe, torch.zeros(1, device=layer.weight.device, requires_grad=True)))
+                    like = dict(
+                        device=layer.weight.device, dtype=torch.promote_types(layer.weight.dtype, torch.float32)
+                    )
+                    probe = torch.zeros(layer.groups, o, o, **like, requires_grad=True)  # type: ignore[arg-type]
+                    layer.probes.append((probe, torch.zeros(1, **like, requires_grad=True)))  # type: ignore[arg-type]
         if curvature != "empirical":
             self._handles.append(model.register_forward_hook(self._model_hook))
         self._sampling = False
