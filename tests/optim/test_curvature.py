@@ -342,7 +342,7 @@ def test_adaptive_damping_alpha_half_is_invariant_to_loss_scale() -> None:
         (c * F.cross_entropy(net(x), y)).backward()
         opt.step()
     for pa, pb in zip(nets[0].parameters(), nets[1].parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
 
 
 def test_kl_clip_caps_the_update() -> None:
