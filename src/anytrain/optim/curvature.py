@@ -197,6 +197,9 @@ def output_rows(module: nn.Module, g: Tensor) -> Tensor:
 
 def _gram(rows: Tensor) -> Tensor:
     """``Σ_rows r rᵀ`` per group: ``(rows, groups, m) -> (groups, m, m)``."""
+    if rows.shape[1] == 1:  # one group: a plain matmul, no transposed copy of the rows
+        r = rows[:, 0]
+        return (r.T @ r).unsqueeze(0)
     r = rows.transpose(0, 1)
     return r.mT @ r
 
@@ -300,16 +303,42 @@ class _Layer:
 
 @dataclass
 class _Stack:
-    """Layers of one param group whose blocks have equal shape, with their stacked preconditioner.
+    """Layers of one param group whose blocks have equal shape, with their stacked preconditioner and the
+    preallocated buffers of the step.
 
     ``powers = (alpha, damping, P_A, P_G)`` are the matrices ``(A + λ_A I)^(−α)``, ``(G + λ_G I)^(−α)`` of all
-    blocks (cached until the next decomposition or a change of alpha / damping); ``grads`` is the preallocated
-    ``(blocks, out, in [+1])`` gradient buffer of the step."""
+    blocks (cached until the next decomposition or a change of alpha / damping). ``grads`` and ``steps`` are
+    ``(blocks, out, in [+1])`` buffers; ``params[i]`` is a weight or bias, ``grad_views[i]`` / ``step_views[i]``
+    its slot in ``grads`` / ``steps`` in the parameter's own shape, so one ``_foreach_copy_`` gathers the
+    gradients and the directions need no copy."""
 
     layers: list[_Layer]
     eig: tuple[Tensor, Tensor, Tensor, Tensor] | None  # (d_A, Q_A, d_G, Q_G) stacked, or None (Cholesky)
-    powers: tuple[float, float, Tensor, Tensor] | None = None
-    grads: Tensor | None = None
+    powers: tuple[float, float, Tensor, Tensor] | None
+    grads: Tensor
+    steps: Tensor
+    params: list[Tensor]
+    grad_views: list[Tensor]
+    step_views: list[Tensor]
+
+
+def _make_stack(layers: list[_Layer], eig: Any, powers: Any, n_out: int, n_in: int, dtype: torch.dtype) -> _Stack:
+    w0 = layers[0].weight
+    blocks = sum(layer.groups for layer in layers)
+    grads = torch.zeros(blocks, n_out, n_in, dtype=dtype, device=w0.device)
+    steps = torch.zeros_like(grads)
+    params, grad_views, step_views = [], [], []
+    i = 0
+    for layer in layers:
+        k = layer.weight[0].numel()
+        for buf, views in ((grads, grad_views), (steps, step_views)):
+            blk = buf[i : i + layer.groups]
+            views.append(blk[..., :k].view(layer.weight.shape))
+            if layer.bias is not None:
+                views.append(blk[..., k].view(layer.bias.shape))
+        params += [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
+        i += layer.groups
+    return _Stack(layers, eig, powers, grads, steps, params, grad_views, step_views)
 
 
 def _value(h: Schedule, step: int) -> float:
@@ -737,7 +766,8 @@ class CurvatureCorrected(torch.optim.Optimizer):
             g_new = self._layer_g(layer, caps)
             if g_new is None:
                 continue  # no gradient reached the layer on this step
-            a_new = torch.stack([c.aat for c in caps]).sum(0) / sum(c.rows for c in caps)
+            a_new = caps[0].aat if len(caps) == 1 else torch.stack([c.aat for c in caps]).sum(0)
+            a_new = a_new.div_(sum(c.rows for c in caps))
             new.append((layer, _squeeze(a_new), _squeeze(g_new)))
         if self._reducer is not None and new:
             # data parallel: this step's factors become the averages over all ranks (one all-reduce for all
@@ -820,18 +850,18 @@ class CurvatureCorrected(torch.optim.Optimizer):
                     self._decompose(only_missing=False)
                     return self._stacks()
                 n_a, n_g = key[2], key[1]
+                dtype = sts[0]["A"].dtype
                 if all("PA" in s for s in sts):
                     p_a = torch.cat([s["PA"].reshape(-1, n_a, n_a) for s in sts])
                     p_g = torch.cat([s["PG"].reshape(-1, n_g, n_g) for s in sts])
-                    lam = float(sts[0]["lamA"])
-                    alpha = float(self.param_groups[key[0]]["alpha"])
-                    self._stacks_cache[key] = _Stack(ls, None, (alpha, lam, p_a, p_g))
+                    powers = (float(self.param_groups[key[0]]["alpha"]), float(sts[0]["lamA"]), p_a, p_g)
+                    self._stacks_cache[key] = _make_stack(ls, None, powers, n_g, n_a, dtype)
                     continue
                 eig = tuple(
                     torch.cat([s[k].reshape(-1, *s[k].shape[-(1 if k[0] == "d" else 2) :]) for s in sts])
                     for k in ("dA", "QA", "dG", "QG")
                 )
-                self._stacks_cache[key] = _Stack(ls, eig)  # type: ignore[arg-type]
+                self._stacks_cache[key] = _make_stack(ls, eig, None, n_g, n_a, dtype)
         return self._stacks_cache
 
     def _powers(self, stack: _Stack, alpha: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -888,72 +918,42 @@ class CurvatureCorrected(torch.optim.Optimizer):
         return loss
 
     def _directions(self) -> dict[Tensor, Tensor]:
-        """Preconditioned directions of the Kronecker layers, batched over blocks of equal shape, written into
-        one preallocated buffer per stack; the KL clip costs one dot product per stack and one in-place scale."""
-        done: list[tuple[list[tuple[_Layer, int]], Tensor]] = []
+        """Preconditioned directions of the Kronecker layers: per stack one gather of the gradients into the
+        preallocated buffer, two batched matmuls into the steps buffer, one dot product for the KL term."""
+        done: list[_Stack] = []
         kl: Tensor | None = None
-        for (gi, n_out, n_in), stack in list(self._stacks().items()):
+        for gi, stack in [(k[0], v) for k, v in self._stacks().items()]:
             group = self.param_groups[gi]
             alpha, lam = float(group["alpha"]), float(group["damping"])
-            live = [layer for layer in stack.layers if layer.weight.grad is not None]
-            if not live:
+            if stack.layers[0].weight.grad is None and all(layer.weight.grad is None for layer in stack.layers):
                 continue
             if stack.eig is None and stack.powers is not None and stack.powers[:2] != (alpha, lam):
                 # Cholesky inverses but alpha / damping were changed by hand: decompose the current factors again
                 self._decompose(only_missing=False)
                 return self._directions()
-            blocks = sum(layer.groups for layer in live)
-            if stack.grads is None or stack.grads.shape[0] != blocks:
-                stack.grads = torch.empty(
-                    blocks, n_out, n_in, dtype=stack.layers[0].weight.dtype, device=stack.layers[0].weight.device
-                )
-            grads = stack.grads
-            views: list[tuple[_Layer, int]] = []
-            i = 0
-            for layer in live:
-                assert layer.weight.grad is not None
-                blk = grads[i : i + layer.groups]
-                views.append((layer, i))
-                i += layer.groups
-                k = layer.weight[0].numel()
-                blk[..., :k].copy_(layer.weight.grad.view(layer.groups, -1, k))
-                if layer.bias is not None:
-                    if layer.bias.grad is not None:
-                        blk[..., k].copy_(layer.bias.grad.view(layer.groups, -1))
-                    else:
-                        blk[..., k].zero_()
+            # a layer without a gradient this step gets a zero block (its step is zero and is not applied)
+            srcs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in stack.params]
+            torch._foreach_copy_(stack.grad_views, srcs)
             if alpha == 0:  # gradient descent, bit for bit
-                steps = grads
+                stack.steps.copy_(stack.grads)
             else:
                 p_a, p_g = self._powers(stack, alpha, lam)
-                if len(live) != len(stack.layers):
-                    rows, offset = [], 0
-                    for layer in stack.layers:
-                        if layer.weight.grad is not None:
-                            rows.extend(range(offset, offset + layer.groups))
-                        offset += layer.groups
-                    p_a, p_g = p_a[rows], p_g[rows]  # only the layers that got a gradient
-                steps = p_g @ grads.to(p_a.dtype) @ p_a
-                steps = steps if steps.dtype == grads.dtype else steps.to(grads.dtype)
+                torch.matmul(torch.matmul(p_g, stack.grads), p_a, out=stack.steps)
             if self.kl_clip is not None:
-                dot = group["lr"] ** 2 * torch.dot(steps.reshape(-1), grads.reshape(-1))
+                dot = group["lr"] ** 2 * torch.dot(stack.steps.view(-1), stack.grads.view(-1))
                 kl = dot if kl is None else kl + dot
-            done.append((views, steps))
+            done.append(stack)
         if kl is not None:
             # ν = min(1, sqrt(κ / (η² Σ⟨Δ, g⟩))): cap on the (approximate) KL change of the step, one in-place
-            # scale of the stacked steps
+            # scale of the steps buffers (the directions are views of them)
             nu = torch.sqrt(float(self.kl_clip or 0.0) / kl.abs().clamp_min(torch.finfo(kl.dtype).tiny)).clamp(max=1.0)
             self._last_kl_scale = nu
-            torch._foreach_mul_([steps for _, steps in done], nu)
+            torch._foreach_mul_([stack.steps for stack in done], nu)
         direction: dict[Tensor, Tensor] = {}
-        for views, steps in done:
-            for layer, i in views:
-                s = steps[i : i + layer.groups]
-                k = layer.weight[0].numel()
-                w = layer.weight
-                direction[w] = s[..., :k].reshape(w.shape).to(w.dtype)
-                if layer.bias is not None and layer.bias.grad is not None:
-                    direction[layer.bias] = s[..., k].reshape(layer.bias.shape).to(layer.bias.dtype)
+        for stack in done:
+            for p, d in zip(stack.params, stack.step_views):
+                if p.grad is not None:
+                    direction[p] = d if d.dtype == p.dtype else d.to(p.dtype)
         return direction
 
 
