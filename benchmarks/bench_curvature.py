@@ -2,7 +2,8 @@
 
     python benchmarks/bench_curvature.py --part speed       # time per step vs SGD and kfac-pytorch, fresh batches
     python benchmarks/bench_curvature.py --part kfac        # factors and timing vs curvlinops' KFAC
-    python benchmarks/bench_curvature.py --part accuracy    # SGD / Adam / alpha=1/2 / alpha=1, 3 seeds
+    python benchmarks/bench_curvature.py --part accuracy    # SGD / Adam / alpha=1/2 (10/100, 20/500) / alpha=1
+    python benchmarks/bench_curvature.py --part schedule    # alpha=1/2 only: T_f/T_inv 10/100 against 20/500
     python benchmarks/bench_curvature.py                    # all three
 
 Prints a table per part and writes benchmarks/results/curvature_<part>.json. curvlinops is a benchmark-only
@@ -81,6 +82,17 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
         factor_every=10,
         inverse_every=100,
     ),
+    "alpha=1/2 (20/500)": lambda net: CurvatureCorrected(
+        net,
+        lr=0.03,
+        alpha=0.5,
+        damping=0.1,
+        adaptive_damping=True,
+        momentum=0.9,
+        kl_clip=1e-3,
+        factor_every=20,
+        inverse_every=500,
+    ),
     "alpha=1": lambda net: CurvatureCorrected(
         net, lr=1e-3, alpha=1.0, damping=0.1, adaptive_damping=True, kl_clip=1e-3, factor_every=1, inverse_every=10
     ),
@@ -100,12 +112,13 @@ def accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 # ---- accuracy --------------------------------------------------------------------------------------------
-def run_accuracy(seeds: int, batch: int = 128, eval_every: int = 10) -> dict:
+def run_accuracy(seeds: int, batch: int = 128, eval_every: int = 10, only: list[str] | None = None) -> dict:
     out: dict = {}
+    optimizers = {k: v for k, v in OPTIMIZERS.items() if only is None or k in only}
     for setup, (data_name, make, target, epochs) in SETUPS.items():
         data = load_dataset(data_name, augment=False)
         out[setup] = {"target": target, "epochs": epochs, "batch": batch, "runs": {}}
-        for opt_name, make_opt in OPTIMIZERS.items():
+        for opt_name, make_opt in optimizers.items():
             runs = []
             for seed in range(seeds):
                 torch.manual_seed(seed)
@@ -321,7 +334,7 @@ def run_kfac(repeats: int = 5) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["speed", "kfac", "accuracy", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "kfac", "accuracy", "schedule", "all"], default="all")
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -334,7 +347,12 @@ def main() -> None:
     parts = ["speed", "kfac", "accuracy"] if args.part == "all" else [args.part]
     for part in parts:
         t0 = time.perf_counter()
-        res = {"speed": run_speed, "kfac": run_kfac, "accuracy": lambda: run_accuracy(args.seeds)}[part]()
+        res = {
+            "speed": run_speed,
+            "kfac": run_kfac,
+            "accuracy": lambda: run_accuracy(args.seeds),
+            "schedule": lambda: run_accuracy(args.seeds, only=["alpha=1/2", "alpha=1/2 (20/500)"]),
+        }[part]()
         atomic_json(RESULTS / f"curvature_{part}.json", {"meta": meta, "seconds": time.perf_counter() - t0, **res})
 
 

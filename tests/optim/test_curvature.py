@@ -414,13 +414,13 @@ def test_invalid_hyper_parameters(kw: dict) -> None:
 
 
 # ---- exact resume --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("curvature", ["empirical", "mc_fisher"])
-def test_state_dict_round_trip_is_exact(curvature: str) -> None:
+@pytest.mark.parametrize("curvature,alpha", [("empirical", 0.5), ("mc_fisher", 0.5), ("empirical", 1.0)])
+def test_state_dict_round_trip_is_exact(curvature: str, alpha: float) -> None:
     torch.manual_seed(10)
     batches = [cnn_batch() for _ in range(8)]
     kw = dict(
         lr=0.05,
-        alpha=0.5,
+        alpha=alpha,
         damping=1e-2,
         momentum=0.9,
         weight_decay=1e-4,

@@ -39,11 +39,29 @@ How ``A`` and ``G`` are collected (``CurvatureCorrected``):
     called piecewise and nobody called ``curvature_backward``) falls back to the empirical ``G`` of that step;
     ``epoch_metrics()["curv_fallbacks"]`` counts such cases.
 
-Layers: ``nn.Linear`` (inputs of any rank; extra dims count as positions), ``nn.Conv1d``, ``nn.Conv2d`` with
-``groups == 1`` (factors from unfolded patches, Grosse & Martens 2016: ``A`` is the mean over samples and
-positions, ``G`` the mean over samples of the sum over positions). Every other parameter — and the layers
-whose weight is not among ``params`` (decoupled greedy learning gives one optimizer per module) — takes the
-plain (momentum, weight-decay) gradient step.
+    ``micro_batches=K`` (gradient accumulation, each micro-batch loss divided by K): the output gradient of
+    a micro-batch is ``∂L/∂z / K`` of the whole-batch loss, so ``δ = K·B·∂L_k/∂z`` and ``Ĝ`` is ``K²`` times
+    the mean over the K forward calls — the statistic of the whole batch of K·B.
+    ``capture="functional"``: instead of a tensor hook, the forward hook returns the output through an autograd
+    function whose backward hands ``B·Σ g gᵀ`` to a preallocated probe leaf (autograd sums it over the passes);
+    nothing has Python side effects in the backward, so ``torch.compile`` traces the hooks without graph breaks.
+    It is the sum of per-pass statistics, which equals the default only with one backward pass per forward call
+    (checked: a pass counter is compared with the forward calls at each factor update).
+    Statistics, decompositions and the products of the step run with autocast disabled, in float32 at least.
+
+Layers: ``nn.Linear`` (inputs of any rank; extra dims count as positions), ``nn.Conv1d``, ``nn.Conv2d`` of any
+stride, padding, padding mode and dilation (factors from unfolded patches, Grosse & Martens 2016: ``A`` is the
+mean over samples and positions, ``G`` the mean over samples of the sum over positions); grouped convolutions get
+one Kronecker block per group (``A``, ``G`` of shape ``(groups, ·, ·)``), exactly the factors of one ordinary
+convolution per group. Tied weights: the modules that share a weight (and its bias) are one layer applied at
+more positions — ``A`` averages the rows of all of them, ``G`` sums their per-module statistics — exactly the
+factors of the untied equivalent (one module applied to the stacked inputs). Every other module holding a
+parameter of the optimizer (norms, embeddings, ``nn.MultiheadAttention``'s packed ``in_proj`` and its
+``out_proj``, which it calls functionally; a weight tied to one of them) takes the plain (momentum,
+weight-decay) step and is listed, with the reason, by ``coverage()`` and in one log line at construction;
+``strict=True`` raises instead. A covered layer whose forward hook never fires although its weight gets a
+gradient (called functionally) is a ``RuntimeError`` naming it at the first factor update. Layers whose weight
+is not among ``params`` (decoupled greedy learning gives one optimizer per module) are left alone.
 """
 
 from __future__ import annotations
@@ -327,7 +345,9 @@ def _make_stack(layers: list[_Layer], eig: Any, powers: Any, n_out: int, n_in: i
     blocks = sum(layer.groups for layer in layers)
     grads = torch.zeros(blocks, n_out, n_in, dtype=dtype, device=w0.device)
     steps = torch.zeros_like(grads)
-    params, grad_views, step_views = [], [], []
+    params: list[Tensor] = []
+    grad_views: list[Tensor] = []
+    step_views: list[Tensor] = []
     i = 0
     for layer in layers:
         k = layer.weight[0].numel()
@@ -486,11 +506,9 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 self._handles.append(m.register_forward_hook(partial(self._forward_hook, layer, i)))
                 if capture == "functional":
                     o = layer.weight.shape[0] // layer.groups
-                    like = dict(
-                        device=layer.weight.device, dtype=torch.promote_types(layer.weight.dtype, torch.float32)
-                    )
-                    probe = torch.zeros(layer.groups, o, o, **like, requires_grad=True)  # type: ignore[arg-type]
-                    layer.probes.append((probe, torch.zeros(1, **like, requires_grad=True)))  # type: ignore[arg-type]
+                    dev, dt = layer.weight.device, torch.promote_types(layer.weight.dtype, torch.float32)
+                    probe = torch.zeros(layer.groups, o, o, device=dev, dtype=dt, requires_grad=True)
+                    layer.probes.append((probe, torch.zeros(1, device=dev, dtype=dt, requires_grad=True)))
         if curvature != "empirical":
             self._handles.append(model.register_forward_hook(self._model_hook))
         self._sampling = False
