@@ -833,7 +833,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
                     inv = (q * _inverse_power(d, 0.0, 1.0).unsqueeze(-2)) @ q.mT
                 for (st, name, lam), part in zip(items, inv.split(sizes)):
                     st["P" + name] = part.reshape(st[name].shape).clone()
-                    st["lam" + name] = torch.tensor(lam, dtype=torch.float64)
+                    st["lam" + name] = lam  # a float: load_state_dict would cast a tensor to the params dtype
                     for k in ("d", "Q"):
                         st.pop(k + name, None)
                 continue
