@@ -761,6 +761,7 @@ def test_functional_capture_has_no_graph_break_on_the_default_nets() -> None:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # raised inside dynamo
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.* is deprecated:DeprecationWarning")  # inductor
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_model_trains_to_the_eager_weights(backend: str) -> None:
     torch.manual_seed(19)
