@@ -1,6 +1,7 @@
 """Curvature-corrected optimizer benchmarks (CPU, one thread, small nets).
 
     python benchmarks/bench_curvature.py --part speed       # time per step vs SGD and kfac-pytorch, fresh batches
+    python benchmarks/bench_curvature.py --part profile     # where the time goes: step, capture, decomposition
     python benchmarks/bench_curvature.py --part kfac        # factors and timing vs curvlinops' KFAC
     python benchmarks/bench_curvature.py --part accuracy    # SGD / Adam / alpha=1/2 (10/100, 20/500) / alpha=1
     python benchmarks/bench_curvature.py --part schedule    # alpha=1/2 only: T_f/T_inv 10/100 against 20/500
@@ -209,28 +210,15 @@ def make_stepper(kind: str, net: nn.Module) -> Callable[[], None]:
     raise ValueError(kind)
 
 
-def time_steps(net: nn.Module, step: Callable[[], None], batches: list[tuple[Tensor, Tensor]], steps: int) -> float:
-    """Seconds per training step (forward, backward, optimizer step) on a fresh batch each step."""
-    for x, y in batches[:5]:  # warm-up (also runs the first factor update and decomposition)
-        net.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
-        step()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        x, y = batches[i % len(batches)]
-        net.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
-        step()
-    return (time.perf_counter() - t0) / steps
-
-
-def run_speed(steps: int = 500, repeats: int = 5) -> dict:
-    """Side by side in one run, interleaved per repeat so all optimizers share the machine's load alike.
+def run_speed(steps: int = 500, chunk: int = 20, cases: list[str] | None = None) -> dict:
+    """Side by side in one run: one net + optimizer per kind, stepped in interleaved chunks of ``chunk`` steps
+    (kind after kind) so that the load of the shared machine falls on all kinds alike; the time of a kind is
+    the sum over its chunks (capture steps and decompositions included, amortized over ``steps``).
 
     Each step draws the next of 64 distinct random batches (the old version reused one batch, which the
     curvature optimizer fitted to a loss of ~1e-7, slowing its backward pass with subnormal floats)."""
     out: dict = {}
-    cases = {
+    all_cases = {
         "mnist1d-cnn": (cnn1d, (1, 40), 128),
         "digits-cnn": (cnn2d, (1, 8, 8), 128),
         "mnist1d-mlp": (lambda: mlp(40), (1, 40), 128),
@@ -241,30 +229,99 @@ def run_speed(steps: int = 500, repeats: int = 5) -> dict:
     kinds = ["sgd", "curvature-10/100", "curvature-20/500"]
     if kfac_pytorch() is not None:
         kinds.append("kfac-pytorch-10/100")
-    for name, (make, shape, batch) in cases.items():
+    for name in cases or list(all_cases):
+        make, shape, batch = all_cases[name]
         gen = torch.Generator().manual_seed(0)
         batches = [
             (torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
             for _ in range(64)
         ]
-        times: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(repeats):
+        runs = {}
+        for kind in kinds:
+            torch.manual_seed(0)
+            net = make()
+            runs[kind] = (net, make_stepper(kind, net))
+            time_steps_from(net, runs[kind][1], batches, 5, 0)  # warm-up: first factors and decomposition
+        chunks: dict[str, list[float]] = {k: [] for k in kinds}
+        for c in range(steps // chunk):
             for kind in kinds:
-                torch.manual_seed(0)
-                net = make()
-                times[kind].append(time_steps(net, make_stepper(kind, net), batches, steps))
-        med = {k: statistics.median(v) for k, v in times.items()}
+                net, step = runs[kind]
+                chunks[kind].append(chunk * time_steps_from(net, step, batches, chunk, 5 + c * chunk))
+        total = {k: sum(v) / (len(v) * chunk) for k, v in chunks.items()}
         out[name] = {
             "batch": batch,
             "steps": steps,
-            "ms_per_step": {k: 1e3 * v for k, v in med.items()},
-            "ratio_to_sgd": {k: med[k] / med["sgd"] for k in kinds},
-            "all_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
+            "chunk": chunk,
+            "ms_per_step": {k: 1e3 * v for k, v in total.items()},
+            "ratio_to_sgd": {k: total[k] / total["sgd"] for k in kinds},
+            "chunk_ms": {k: [1e3 * t for t in v] for k, v in chunks.items()},
+            "load_average": os.getloadavg(),
         }
         print(
-            f"{name:17s} " + "  ".join(f"{k} {1e3 * med[k]:.2f} ms ({med[k] / med['sgd']:.2f}x)" for k in kinds),
+            f"{name:17s} " + "  ".join(f"{k} {1e3 * total[k]:.2f} ms ({total[k] / total['sgd']:.2f}x)" for k in kinds),
             flush=True,
         )
+    return out
+
+
+def time_steps_from(
+    net: nn.Module, step: Callable[[], None], batches: list[tuple[Tensor, Tensor]], steps: int, start: int
+) -> float:
+    """Seconds per step of ``steps`` training steps on batches ``start, start + 1, ...`` (no warm-up)."""
+    t0 = time.perf_counter()
+    for i in range(start, start + steps):
+        x, y = batches[i % len(batches)]
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def _ms(fn: Callable[[], None], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return 1e3 * (time.perf_counter() - t0) / n
+
+
+def _profile_one(net: nn.Module, x: Tensor, y: Tensor, reps: int) -> dict[str, float]:
+    opt = make_stepper("curvature-20/500", net).__self__  # type: ignore[attr-defined]
+    sgd = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
+
+    def fwd_bwd() -> None:
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+
+    def plain_step() -> None:
+        opt.steps = 1  # a non-capture, non-decomposition step
+        opt.step()
+
+    def capture_fwd_bwd_fold() -> None:
+        opt._capturing = True
+        fwd_bwd()
+        opt._update_factors()
+
+    fwd_bwd()
+    opt.step()  # step 0: first factors and decomposition
+    fwd_bwd()
+    res = {"fwd_bwd": _ms(fwd_bwd, reps), "sgd_step": _ms(sgd.step, reps), "curvature_step": _ms(plain_step, reps)}
+    res["capture_extra"] = _ms(capture_fwd_bwd_fold, reps // 2) - res["fwd_bwd"]
+    opt._capturing = False
+    res["decomposition"] = _ms(lambda: opt._decompose(only_missing=False), 5)
+    return res
+
+
+def run_profile(batch: int = 128, reps: int = 100) -> dict:
+    """Where the time of the curvature optimizer goes (α = ½ at T_f/T_inv = 20/500), ms per event."""
+    out: dict = {}
+    for name, make, shape in (
+        ("mnist1d-cnn", cnn1d, (1, 40)),
+        ("digits-cnn", cnn2d, (1, 8, 8)),
+        ("mnist1d-mlp", lambda: mlp(40), (1, 40)),
+    ):
+        torch.manual_seed(0)
+        out[name] = _profile_one(make(), torch.randn(batch, *shape), torch.randint(0, 10, (batch,)), reps)
+        print(f"{name:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in out[name].items()), flush=True)
     return out
 
 
@@ -334,8 +391,9 @@ def run_kfac(repeats: int = 5) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["speed", "kfac", "accuracy", "schedule", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "profile", "kfac", "accuracy", "schedule", "all"], default="all")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--cases", nargs="*", default=None, help="speed: only these cases (default: all six)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     meta = {
@@ -348,8 +406,9 @@ def main() -> None:
     for part in parts:
         t0 = time.perf_counter()
         res = {
-            "speed": run_speed,
+            "speed": lambda: run_speed(cases=args.cases),
             "kfac": run_kfac,
+            "profile": run_profile,
             "accuracy": lambda: run_accuracy(args.seeds),
             "schedule": lambda: run_accuracy(args.seeds, only=["alpha=1/2", "alpha=1/2 (20/500)"]),
         }[part]()
