@@ -1,8 +1,10 @@
 """Curvature-corrected optimizer benchmarks (CPU, one thread, small nets).
 
-    python benchmarks/bench_curvature.py --part speed       # time per step vs SGD (T_f=10, T_inv=100)
+    python benchmarks/bench_curvature.py --part speed       # time per step vs SGD and kfac-pytorch, fresh batches
+    python benchmarks/bench_curvature.py --part profile     # where the time goes: step, capture, decomposition
     python benchmarks/bench_curvature.py --part kfac        # factors and timing vs curvlinops' KFAC
-    python benchmarks/bench_curvature.py --part accuracy    # SGD / Adam / alpha=1/2 / alpha=1, 3 seeds
+    python benchmarks/bench_curvature.py --part accuracy    # SGD / Adam / alpha=1/2 (10/100, 20/500) / alpha=1
+    python benchmarks/bench_curvature.py --part schedule    # alpha=1/2 only: T_f/T_inv 10/100 against 20/500
     python benchmarks/bench_curvature.py                    # all three
 
 Prints a table per part and writes benchmarks/results/curvature_<part>.json. curvlinops is a benchmark-only
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -80,6 +83,17 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
         factor_every=10,
         inverse_every=100,
     ),
+    "alpha=1/2 (20/500)": lambda net: CurvatureCorrected(
+        net,
+        lr=0.03,
+        alpha=0.5,
+        damping=0.1,
+        adaptive_damping=True,
+        momentum=0.9,
+        kl_clip=1e-3,
+        factor_every=20,
+        inverse_every=500,
+    ),
     "alpha=1": lambda net: CurvatureCorrected(
         net, lr=1e-3, alpha=1.0, damping=0.1, adaptive_damping=True, kl_clip=1e-3, factor_every=1, inverse_every=10
     ),
@@ -99,12 +113,13 @@ def accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 # ---- accuracy --------------------------------------------------------------------------------------------
-def run_accuracy(seeds: int, batch: int = 128, eval_every: int = 10) -> dict:
+def run_accuracy(seeds: int, batch: int = 128, eval_every: int = 10, only: list[str] | None = None) -> dict:
     out: dict = {}
+    optimizers = {k: v for k, v in OPTIMIZERS.items() if only is None or k in only}
     for setup, (data_name, make, target, epochs) in SETUPS.items():
         data = load_dataset(data_name, augment=False)
         out[setup] = {"target": target, "epochs": epochs, "batch": batch, "runs": {}}
-        for opt_name, make_opt in OPTIMIZERS.items():
+        for opt_name, make_opt in optimizers.items():
             runs = []
             for seed in range(seeds):
                 torch.manual_seed(seed)
@@ -154,63 +169,159 @@ def run_accuracy(seeds: int, batch: int = 128, eval_every: int = 10) -> dict:
     return out
 
 
-# ---- speed -----------------------------------------------------------------------------------------------
-def time_steps(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, steps: int) -> float:
-    for _ in range(5):  # warm-up (also runs the first factor update and eigendecomposition)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
+# ---- speed ----------------------------------------------------------------------------------------------
+def kfac_pytorch() -> object | None:
+    """gpauloski/kfac-pytorch if importable (not on PyPI: built from its public source into a separate venv,
+    never a dependency of anytrain). Returns its ``KFACPreconditioner`` class or None."""
+    try:
+        from kfac.preconditioner import KFACPreconditioner  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return KFACPreconditioner
+
+
+def make_stepper(kind: str, net: nn.Module) -> Callable[[], None]:
+    """The optimizer step of ``kind`` on ``net`` (called after the backward pass)."""
+    if kind == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        return opt.step
+    if kind.startswith("curvature"):  # "curvature-10/100"
+        t_f, t_inv = (int(v) for v in kind.split("-")[1].split("/"))
+        opt = CurvatureCorrected(
+            net, lr=0.03, alpha=0.5, damping=0.1, adaptive_damping=True, momentum=0.9, kl_clip=1e-3,
+            factor_every=t_f, inverse_every=t_inv,
+        )  # fmt: skip
+        return opt.step
+    if kind.startswith("kfac-pytorch"):  # its K-FAC (alpha = 1) at the same schedule, inverse method
+        cls = kfac_pytorch()
+        assert cls is not None
+        t_f, t_inv = (int(v) for v in kind.split("-")[2].split("/"))
+        opt = torch.optim.SGD(net.parameters(), lr=0.03, momentum=0.9)
+        pre = cls(  # type: ignore[operator]
+            net, factor_update_steps=t_f, inv_update_steps=t_inv, damping=0.003, kl_clip=1e-3, lr=0.03,
+            compute_method="inverse", loglevel=logging.WARNING,
+        )  # fmt: skip
+
+        def step() -> None:
+            pre.step()
+            opt.step()
+
+        return step
+    raise ValueError(kind)
+
+
+def run_speed(steps: int = 500, chunk: int = 20, cases: list[str] | None = None) -> dict:
+    """Side by side in one run: one net + optimizer per kind, stepped in interleaved chunks of ``chunk`` steps
+    (kind after kind) so that the load of the shared machine falls on all kinds alike; the time of a kind is
+    the sum over its chunks (capture steps and decompositions included, amortized over ``steps``).
+
+    Each step draws the next of 64 distinct random batches (the old version reused one batch, which the
+    curvature optimizer fitted to a loss of ~1e-7, slowing its backward pass with subnormal floats)."""
+    out: dict = {}
+    all_cases = {
+        "mnist1d-cnn": (cnn1d, (1, 40), 128),
+        "digits-cnn": (cnn2d, (1, 8, 8), 128),
+        "mnist1d-mlp": (lambda: mlp(40), (1, 40), 128),
+        "mnist1d-cnn-b512": (cnn1d, (1, 40), 512),
+        "digits-cnn-b512": (cnn2d, (1, 8, 8), 512),
+        "mnist1d-mlp-b512": (lambda: mlp(40), (1, 40), 512),
+    }
+    kinds = ["sgd", "curvature-10/100", "curvature-20/500"]
+    if kfac_pytorch() is not None:
+        kinds.append("kfac-pytorch-10/100")
+    for name in cases or list(all_cases):
+        make, shape, batch = all_cases[name]
+        gen = torch.Generator().manual_seed(0)
+        batches = [
+            (torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+            for _ in range(64)
+        ]
+        runs = {}
+        for kind in kinds:
+            torch.manual_seed(0)
+            net = make()
+            runs[kind] = (net, make_stepper(kind, net))
+            time_steps_from(net, runs[kind][1], batches, 5, 0)  # warm-up: first factors and decomposition
+        chunks: dict[str, list[float]] = {k: [] for k in kinds}
+        for c in range(steps // chunk):
+            for kind in kinds:
+                net, step = runs[kind]
+                chunks[kind].append(chunk * time_steps_from(net, step, batches, chunk, 5 + c * chunk))
+        total = {k: sum(v) / (len(v) * chunk) for k, v in chunks.items()}
+        out[name] = {
+            "batch": batch,
+            "steps": steps,
+            "chunk": chunk,
+            "ms_per_step": {k: 1e3 * v for k, v in total.items()},
+            "ratio_to_sgd": {k: total[k] / total["sgd"] for k in kinds},
+            "chunk_ms": {k: [1e3 * t for t in v] for k, v in chunks.items()},
+            "load_average": os.getloadavg(),
+        }
+        print(
+            f"{name:17s} " + "  ".join(f"{k} {1e3 * total[k]:.2f} ms ({total[k] / total['sgd']:.2f}x)" for k in kinds),
+            flush=True,
+        )
+    return out
+
+
+def time_steps_from(
+    net: nn.Module, step: Callable[[], None], batches: list[tuple[Tensor, Tensor]], steps: int, start: int
+) -> float:
+    """Seconds per step of ``steps`` training steps on batches ``start, start + 1, ...`` (no warm-up)."""
     t0 = time.perf_counter()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
+    for i in range(start, start + steps):
+        x, y = batches[i % len(batches)]
+        net.zero_grad(set_to_none=True)
         F.cross_entropy(net(x), y).backward()
-        opt.step()
+        step()
     return (time.perf_counter() - t0) / steps
 
 
-def run_speed(steps: int = 200, repeats: int = 5) -> dict:
+def _ms(fn: Callable[[], None], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return 1e3 * (time.perf_counter() - t0) / n
+
+
+def _profile_one(net: nn.Module, x: Tensor, y: Tensor, reps: int) -> dict[str, float]:
+    opt = make_stepper("curvature-20/500", net).__self__  # type: ignore[attr-defined]
+    sgd = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
+
+    def fwd_bwd() -> None:
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+
+    def plain_step() -> None:
+        opt.steps = 1  # a non-capture, non-decomposition step
+        opt.step()
+
+    def capture_fwd_bwd_fold() -> None:
+        opt._capturing = True
+        fwd_bwd()
+        opt._update_factors()
+
+    fwd_bwd()
+    opt.step()  # step 0: first factors and decomposition
+    fwd_bwd()
+    res = {"fwd_bwd": _ms(fwd_bwd, reps), "sgd_step": _ms(sgd.step, reps), "curvature_step": _ms(plain_step, reps)}
+    res["capture_extra"] = _ms(capture_fwd_bwd_fold, reps // 2) - res["fwd_bwd"]
+    opt._capturing = False
+    res["decomposition"] = _ms(lambda: opt._decompose(only_missing=False), 5)
+    return res
+
+
+def run_profile(batch: int = 128, reps: int = 100) -> dict:
+    """Where the time of the curvature optimizer goes (α = ½ at T_f/T_inv = 20/500), ms per event."""
     out: dict = {}
-    cases = {
-        "mnist1d-cnn": (cnn1d, (1, 40), 128),
-        "mnist1d-mlp": (lambda: mlp(40), (1, 40), 128),
-        "digits-cnn": (cnn2d, (1, 8, 8), 128),
-        "mnist1d-cnn-b512": (cnn1d, (1, 40), 512),
-        "mnist1d-mlp-b512": (lambda: mlp(40), (1, 40), 512),
-    }
-    for name, (make, shape, batch) in cases.items():
-        x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-        times: dict[str, list[float]] = {"sgd": [], "curvature": []}
-        for _ in range(repeats):  # interleave to share the machine's load fairly
-            torch.manual_seed(0)
-            net = make()
-            times["sgd"].append(time_steps(net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), x, y, steps))
-            torch.manual_seed(0)
-            net = make()
-            opt = CurvatureCorrected(
-                net,
-                lr=0.03,
-                alpha=0.5,
-                damping=0.1,
-                adaptive_damping=True,
-                momentum=0.9,
-                kl_clip=1e-3,
-                factor_every=10,
-                inverse_every=100,
-            )
-            times["curvature"].append(time_steps(net, opt, x, y, steps))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        out[name] = {
-            "ms_per_step": {k: 1e3 * v for k, v in med.items()},
-            "ratio": med["curvature"] / med["sgd"],
-            "all_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
-            "batch": batch,
-            "steps": steps,
-        }
-        print(
-            f"{name:16s} sgd {1e3 * med['sgd']:.2f} ms  curvature(T_f=10,T_inv=100) "
-            f"{1e3 * med['curvature']:.2f} ms  ratio {out[name]['ratio']:.2f}",
-            flush=True,
-        )
+    for name, make, shape in (
+        ("mnist1d-cnn", cnn1d, (1, 40)),
+        ("digits-cnn", cnn2d, (1, 8, 8)),
+        ("mnist1d-mlp", lambda: mlp(40), (1, 40)),
+    ):
+        torch.manual_seed(0)
+        out[name] = _profile_one(make(), torch.randn(batch, *shape), torch.randint(0, 10, (batch,)), reps)
+        print(f"{name:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in out[name].items()), flush=True)
     return out
 
 
@@ -280,19 +391,27 @@ def run_kfac(repeats: int = 5) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["speed", "kfac", "accuracy", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "profile", "kfac", "accuracy", "schedule", "all"], default="all")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--cases", nargs="*", default=None, help="speed: only these cases (default: all six)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     meta = {
         "machine": "CPU, 2 cores, shared with other jobs; torch threads = 1",
+        "load_average": os.getloadavg(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     parts = ["speed", "kfac", "accuracy"] if args.part == "all" else [args.part]
     for part in parts:
         t0 = time.perf_counter()
-        res = {"speed": run_speed, "kfac": run_kfac, "accuracy": lambda: run_accuracy(args.seeds)}[part]()
+        res = {
+            "speed": lambda: run_speed(cases=args.cases),
+            "kfac": run_kfac,
+            "profile": run_profile,
+            "accuracy": lambda: run_accuracy(args.seeds),
+            "schedule": lambda: run_accuracy(args.seeds, only=["alpha=1/2", "alpha=1/2 (20/500)"]),
+        }[part]()
         atomic_json(RESULTS / f"curvature_{part}.json", {"meta": meta, "seconds": time.perf_counter() - t0, **res})
 
 

@@ -414,13 +414,13 @@ def test_invalid_hyper_parameters(kw: dict) -> None:
 
 
 # ---- exact resume --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("curvature", ["empirical", "mc_fisher"])
-def test_state_dict_round_trip_is_exact(curvature: str) -> None:
+@pytest.mark.parametrize("curvature,alpha", [("empirical", 0.5), ("mc_fisher", 0.5), ("empirical", 1.0)])
+def test_state_dict_round_trip_is_exact(curvature: str, alpha: float) -> None:
     torch.manual_seed(10)
     batches = [cnn_batch() for _ in range(8)]
     kw = dict(
         lr=0.05,
-        alpha=0.5,
+        alpha=alpha,
         damping=1e-2,
         momentum=0.9,
         weight_decay=1e-4,
@@ -502,3 +502,295 @@ def test_composes_with_gradient_rules(rule_name: str) -> None:
     convs = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
     owners = [o for o in opts for layer in getattr(o, "layers", []) if "G" in o.state[layer.weight]]
     assert len(owners) == len(convs)
+
+
+# ---- coverage (issue 13) -----------------------------------------------------------------------------------
+class EveryKind(nn.Module):
+    """A user model with each layer kind: what is preconditioned and what is reported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.conv = nn.Conv2d(1, 4, 3, padding=2, dilation=2)
+        self.grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv1d = nn.Conv1d(8, 4, 3, stride=2)
+        self.head = nn.Linear(6 * 16 + 4 * 2, 3)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        e = self.emb(tokens)  # (B, 6, 8)
+        e, _ = self.mha(e, e, e)
+        s = self.conv1d(e.transpose(1, 2)).flatten(1)
+        v = self.bn(self.grouped(torch.relu(self.conv(image)))).flatten(1)
+        return self.head(torch.cat([v, s], 1))
+
+
+def every_kind_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.randint(0, 10, (n, 6)), torch.randn(n, 1, 4, 4), torch.randint(0, 3, (n,))
+
+
+def test_coverage_reports_every_module_and_logs_one_line(caplog) -> None:
+    torch.manual_seed(13)
+    net = EveryKind()
+    with caplog.at_level("INFO", logger="anytrain.optim.curvature"):
+        opt = CurvatureCorrected(net, lr=0.05, factor_every=1, inverse_every=1)
+    assert len(caplog.records) == 1 and "plain steps for 4" in caplog.records[0].getMessage()
+    cov = opt.coverage()
+    assert cov["preconditioned"] == {
+        "conv": "Conv2d",
+        "grouped": "Conv2d, block-diagonal over 2 groups",
+        "conv1d": "Conv1d",
+        "head": "Linear",
+    }
+    assert set(cov["plain"]) == {"emb", "mha", "mha.out_proj", "bn"}
+    assert "functionally" in cov["plain"]["mha.out_proj"] and "in_proj" in cov["plain"]["mha"]
+    for _ in range(3):  # every covered hook fires; every parameter moves and stays finite
+        tokens, image, y = every_kind_batch()
+        opt.zero_grad()
+        F.cross_entropy(net(tokens, image), y).backward()
+        opt.step()
+    assert all("A" in opt.state[layer.weight] for layer in opt.layers)
+    assert opt.state[net.grouped.weight]["A"].shape == (2, 2 * 9 + 1, 2 * 9 + 1)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    with pytest.raises(ValueError, match="strict=True.*emb.*mha.out_proj"):
+        CurvatureCorrected(net, lr=0.05, strict=True)
+    CurvatureCorrected(nn.Sequential(nn.Linear(2, 3), nn.Conv1d(3, 2, 1)), lr=0.1, strict=True)  # all covered
+
+
+def test_hook_that_never_fires_is_an_error_naming_the_module() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.lin = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(torch.tanh(self.first(x)), self.lin.weight, self.lin.bias)  # bypasses lin's hooks
+
+    net = Functional()
+    opt = CurvatureCorrected(net, lr=0.1)
+    F.cross_entropy(net(torch.randn(5, 3)), torch.randint(0, 2, (5,))).backward()
+    with pytest.raises(RuntimeError, match="'lin' never fired"):
+        opt.step()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_grouped_dilated_conv_equals_one_conv_per_group(alpha: float) -> None:
+    # the untied equivalent of a grouped conv: one ordinary conv per channel group, outputs concatenated
+    torch.manual_seed(14)
+    grouped = nn.Conv2d(4, 6, 3, padding=2, dilation=2, stride=(1, 2), groups=2)
+    parts = nn.ModuleList([nn.Conv2d(2, 3, 3, padding=2, dilation=2, stride=(1, 2)) for _ in range(2)])
+    with torch.no_grad():
+        for i, p in enumerate(parts):
+            p.weight.copy_(grouped.weight[3 * i : 3 * i + 3])
+            p.bias.copy_(grouped.bias[3 * i : 3 * i + 3])
+    split = lambda x: torch.cat([p(x[:, 2 * i : 2 * i + 2]) for i, p in enumerate(parts)], 1)  # noqa: E731
+    kw = dict(lr=0.1, alpha=alpha, damping=1e-2, momentum=0.9, factor_every=1, inverse_every=1, kl_clip=1e-2)
+    opt_g, opt_p = CurvatureCorrected(grouped, **kw), CurvatureCorrected(parts, **kw)
+    for _ in range(3):
+        x, target = torch.randn(5, 4, 6, 7), torch.randn(5, 6, 6, 4)
+        for f, opt in ((grouped, opt_g), (split, opt_p)):
+            opt.zero_grad()
+            ((f(x) - target) ** 2).mean().backward()
+            opt.step()
+    for i, p in enumerate(parts):
+        for key in ("A", "G"):
+            torch.testing.assert_close(opt_g.state[grouped.weight][key][i], opt_p.state[p.weight][key])
+        torch.testing.assert_close(grouped.weight[3 * i : 3 * i + 3], p.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grouped.bias[3 * i : 3 * i + 3], p.bias, rtol=1e-5, atol=1e-6)
+
+
+class Tied(nn.Module):
+    """Two Linears sharing weight and bias, applied to two inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+        self.b.weight, self.b.bias = self.a.weight, self.a.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.a(x[:, 0]) + 2 * self.b(x[:, 1])))
+
+
+class Untied(nn.Module):
+    """The same function with one Linear applied at two positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)  # (B, 2, 5)
+        return self.out(torch.tanh(h[:, 0] + 2 * h[:, 1]))
+
+
+def test_tied_weights_equal_the_untied_equivalent() -> None:
+    torch.manual_seed(15)
+    tied, untied = Tied(), Untied()
+    untied.a.load_state_dict(tied.a.state_dict())
+    untied.out.load_state_dict(tied.out.state_dict())
+    kw = dict(lr=0.1, alpha=0.5, damping=1e-2, factor_every=1, inverse_every=1)
+    opt_t, opt_u = CurvatureCorrected(tied, **kw), CurvatureCorrected(untied, **kw)
+    assert opt_t.coverage()["preconditioned"] == {"a = b": "Linear", "out": "Linear"}
+    for _ in range(3):
+        x, y = torch.randn(6, 2, 4), torch.randint(0, 3, (6,))
+        for net, opt in ((tied, opt_t), (untied, opt_u)):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    for key in ("A", "G"):
+        torch.testing.assert_close(opt_t.state[tied.a.weight][key], opt_u.state[untied.a.weight][key])
+    for pt, pu in (
+        (tied.a.weight, untied.a.weight),
+        (tied.a.bias, untied.a.bias),
+        (tied.out.weight, untied.out.weight),
+    ):
+        torch.testing.assert_close(pt, pu)
+
+
+def test_weight_tied_to_an_embedding_is_reported_not_preconditioned() -> None:
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid, self.dec = nn.Embedding(7, 4), nn.Linear(4, 4), nn.Linear(4, 7, bias=False)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.dec(torch.tanh(self.mid(self.emb(t))))
+
+    net = LM()
+    opt = CurvatureCorrected(net, lr=0.1, factor_every=1, inverse_every=1)
+    cov = opt.coverage()
+    assert list(cov["preconditioned"]) == ["mid"]
+    assert "tied to 'emb'" in cov["plain"]["dec"]
+    w0 = net.emb.weight.detach().clone()
+    F.cross_entropy(net(torch.randint(0, 7, (5,))), torch.randint(0, 7, (5,))).backward()
+    grad = net.emb.weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(net.emb.weight, w0 - 0.1 * grad)  # the tied weight takes the plain step
+
+
+# ---- mixed precision ---------------------------------------------------------------------------------------
+def test_bf16_autocast_on_cpu_matches_float32() -> None:
+    torch.manual_seed(16)
+    nets = [small_cnn() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    batches = [cnn_batch(16) for _ in range(4)]
+    opts = [
+        CurvatureCorrected(n, lr=0.05, alpha=a, damping=0.1, adaptive_damping=True, factor_every=1, inverse_every=2)
+        for n, a in ((nets[0], 0.5), (nets[1], 0.5))
+    ]
+    for x, y in batches:
+        for i, (net, opt) in enumerate(zip(nets, opts)):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=i == 1):
+                F.cross_entropy(net(x).float(), y).backward()
+                opt.step()  # inside autocast too: the step must not run in bf16
+    for la, lb in zip(opts[0].layers, opts[1].layers):
+        sa, sb = opts[0].state[la.weight], opts[1].state[lb.weight]
+        for key in ("A", "G", "QA", "dG"):
+            assert sb[key].dtype == torch.float32
+        for key in ("A", "G"):
+            assert float((sa[key] - sb[key]).norm() / sa[key].norm()) < 3e-2
+    for pa, pb in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=2e-2)
+
+
+# ---- gradient accumulation ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("capture", ["hook", "functional"])
+def test_micro_batches_give_the_step_of_the_whole_batch(capture: str) -> None:
+    torch.manual_seed(17)
+    nets = [small_cnn().double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    k = 3
+    kw = dict(lr=0.1, alpha=0.5, damping=1e-3, momentum=0.9, kl_clip=1e-2, factor_every=1, inverse_every=1)
+    whole = CurvatureCorrected(nets[0], **kw, capture=capture)
+    micro = CurvatureCorrected(nets[1], **kw, micro_batches=k, capture=capture)
+    for _ in range(3):
+        x, y = cnn_batch(4 * k)
+        x = x.double()
+        whole.zero_grad()
+        F.cross_entropy(nets[0](x), y).backward()
+        whole.step()
+        micro.zero_grad()
+        for xs, ys in zip(x.chunk(k), y.chunk(k)):
+            (F.cross_entropy(nets[1](xs), ys) / k).backward()
+        micro.step()
+    for la, lb in zip(whole.layers, micro.layers):
+        for key in ("A", "G"):
+            torch.testing.assert_close(whole.state[la.weight][key], micro.state[lb.weight][key], rtol=0, atol=1e-6)
+    for pa, pb in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+
+
+# ---- capture modes, torch.compile ---------------------------------------------------------------------------
+def test_functional_capture_equals_hook_capture_and_rejects_several_backward_passes() -> None:
+    torch.manual_seed(18)
+    nets = [small_cnn() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    kw = dict(lr=0.05, alpha=1.0, damping=1e-2, factor_every=2, inverse_every=2)
+    opts = [CurvatureCorrected(n, **kw, capture=c) for n, c in zip(nets, ("hook", "functional"))]
+    batches = [cnn_batch() for _ in range(4)]
+    for net, opt in zip(nets, opts):
+        train(net, opt, batches)
+    for pa, pb in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(pa, pb)
+    net = two_exit_net()
+    opt = CurvatureCorrected(net, lr=0.1, capture="functional")
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    l1, l2 = (F.cross_entropy(z, y) for z in net(x))
+    l1.backward(retain_graph=True)
+    l2.backward()
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        opt.step()
+
+
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # raised inside dynamo
+def test_functional_capture_has_no_graph_break_on_the_default_nets() -> None:
+    from anytrain.nets import build_model
+
+    for name, shape, kw in (("nested-width", (1, 40), {"stages": 2, "width": 8}),):
+        net = build_model(name, in_shape=shape, num_classes=10, **kw)
+        opt = CurvatureCorrected(net, lr=0.1, capture="functional")
+        for capturing in (True, False):
+            opt._capturing = capturing
+            explained = torch._dynamo.explain(net)(torch.randn(4, *shape))
+            assert explained.graph_break_count == 0, (name, capturing, explained.break_reasons)
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # raised inside dynamo
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.* is deprecated:DeprecationWarning")  # inductor
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_model_trains_to_the_eager_weights(backend: str) -> None:
+    torch.manual_seed(19)
+    nets = [small_cnn() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    kw = dict(lr=0.05, alpha=0.5, damping=1e-2, momentum=0.9, factor_every=2, inverse_every=4, capture="functional")
+    opts = [CurvatureCorrected(n, **kw) for n in nets]
+    compiled = torch.compile(nets[1], backend=backend)
+    for _ in range(6):
+        x, y = cnn_batch(16)
+        for f, opt in ((nets[0], opts[0]), (compiled, opts[1])):
+            opt.zero_grad()
+            F.cross_entropy(f(x), y).backward()
+            opt.step()
+    for pa, pb in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_cholesky_at_alpha_one_equals_the_eigendecomposition() -> None:
+    torch.manual_seed(20)
+    nets = [small_cnn().double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    kw = dict(lr=0.05, damping=1e-2, adaptive_damping=True, factor_every=1, inverse_every=2)
+    chol = CurvatureCorrected(nets[0], alpha=1.0, **kw)
+    eig = CurvatureCorrected(nets[1], alpha=lambda t: 1.0, **kw)  # a schedule keeps the eigendecomposition
+    batches = [(x.double(), y) for x, y in (cnn_batch() for _ in range(4))]
+    train(nets[0], chol, batches)
+    train(nets[1], eig, batches)
+    assert "PA" in chol.state[nets[0][0].weight] and "QA" in eig.state[nets[1][0].weight]
+    for pa, pb in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-10)
