@@ -37,26 +37,9 @@ def _table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def resume_config(run: Path, overrides: list[str]) -> dict[str, Any]:
-    """The config to continue ``run`` with: its config.yaml plus ``overrides``, which may only change the
-    settings in ``RESUME_SETTINGS`` (a one-line ``ConfigError`` names any other)."""
-    from anytrain.config import RESUME_SETTINGS, load_config, resume_changes
-    from anytrain.train.checkpoint import check_resumable
-
-    check_resumable(run)
-    cfg = load_config(run / "config.yaml", overrides)
-    changed = resume_changes(load_config(run / "config.yaml"), cfg)
-    if changed:
-        raise ConfigError(
-            f"--set {changed[0]} on --resume would change the run half-way; a resumed run may change only "
-            f"{', '.join(RESUME_SETTINGS)} (start a new run with --out for anything else)"
-        )
-    return cfg
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from anytrain.config import load_config
-    from anytrain.train.checkpoint import check_new_run_dir
+    from anytrain.train.checkpoint import check_new_run_dir, resume_config
 
     if args.resume:
         if args.config or args.out or args.overwrite:
@@ -189,7 +172,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         if isinstance(e, ConfigError):
             raise
-        return _fail(f"cannot plot {args.run}: metrics.json or history.json is malformed ({type(e).__name__}: {_first_line(e)})")
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        return _fail(f"cannot plot {args.run}: metrics.json or history.json is malformed ({why})")
     for path in paths:
         print(path)
     return 0

@@ -78,7 +78,8 @@ def test_dead_rank_exits_nonzero_naming_it_then_resume_matches(reference, tmp_pa
     assert p.returncode != 0
     assert "rank 1 failed" in p.stderr and secs < 60, (secs, p.stderr[-2000:])
     assert latest_complete_epoch(out) == 0
-    p, _ = run(cfg, out, "--resume")
+    resume = [sys.executable, "-m", "anytrain.greedy.parallel", "--resume", str(out)]
+    p = subprocess.run(resume, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     par = weights(out / "model.pt")
     for k in ref:

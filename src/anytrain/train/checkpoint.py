@@ -174,6 +174,22 @@ def check_resumable(run: Path) -> None:
         raise ConfigError(f"{run} already holds a finished run (metrics.json); nothing to resume")
 
 
+def resume_config(run: Path, overrides: list[str]) -> dict[str, Any]:
+    """The config to continue ``run`` with: its config.yaml plus ``overrides``, which may change only the
+    settings in ``RESUME_SETTINGS`` (a one-line ``ConfigError`` names any other)."""
+    from anytrain.config import RESUME_SETTINGS, load_config, resume_changes
+
+    check_resumable(run)
+    cfg = load_config(run / "config.yaml", overrides)
+    changed = resume_changes(load_config(run / "config.yaml"), cfg)
+    if changed:
+        raise ConfigError(
+            f"--set {changed[0]} on --resume would change the run half-way; a resumed run may change only "
+            f"{', '.join(RESUME_SETTINGS)} (start a new run with --out for anything else)"
+        )
+    return cfg
+
+
 def staging_dir(out: Path) -> Path:
     """Where a run that replaces ``out`` (``--overwrite``) is built until its first checkpoint: a hidden sibling,
     so the old run stays untouched until the new one has a checkpoint to continue from."""
