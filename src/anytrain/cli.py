@@ -140,6 +140,25 @@ def _read_metrics(run: str) -> dict[str, Any]:
     return metrics
 
 
+def _read_history(p: Path) -> None:
+    """Check that history.json is a list of per-epoch records (epoch, train_loss and test_acc per exit)."""
+    try:
+        h = json.loads(p.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not valid JSON: {_first_line(e)}") from None
+    ok = isinstance(h, list) and all(
+        isinstance(r, dict)
+        and isinstance(r.get("epoch"), int)
+        and all(
+            isinstance(r.get(k), list) and all(isinstance(v, (int, float)) for v in r[k])
+            for k in ("train_loss", "test_acc")
+        )
+        for r in h
+    )
+    if not ok:
+        raise ConfigError(f"{p} is malformed: expected a list of records with epoch, train_loss and test_acc")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     metrics = _read_metrics(args.run)
     try:
@@ -165,10 +184,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from anytrain.eval.plots import plot_run
 
-    if not Path(args.run).is_dir():
-        return _fail(f"{args.run} is not a directory")
+    run = Path(args.run)
+    if not run.is_dir():
+        return _fail(f"{run} is not a directory")
+    # Check both files before drawing anything, so a malformed one leaves the directory as it was.
+    if (run / "metrics.json").is_file():
+        _read_metrics(args.run)
+    if (run / "history.json").is_file():
+        _read_history(run / "history.json")
     try:
-        paths = plot_run(args.run)
+        paths = plot_run(run)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         if isinstance(e, ConfigError):
             raise

@@ -256,6 +256,8 @@ _SPEC: dict[str, tuple[type, float, float, bool, bool]] = {
     "train.tensorboard": (bool, 0, 0, True, True),
     "train.plots": (bool, 0, 0, True, True),
     "train.label_smoothing": (float, 0, 1, True, False),
+    "model.width": (int, 0, _INF, False, False),
+    "model.exits": (int, 0, _INF, False, False),
     "optimizer.lr": (float, 0, _INF, False, False),
     "optimizer.momentum": (float, 0, 1, True, False),
     "optimizer.weight_decay": (float, 0, _INF, True, False),
@@ -268,8 +270,8 @@ _NULLABLE = {"data.data_dir", "data.num_samples"}
 
 def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
     if hi == _INF:
-        return f"{'>=' if lo_in else '>'} {lo:g}"
-    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+        return f"{'>=' if lo_in else '>'} {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
 
 
 def _check_value(key: str, v: Any, kind: type, lo: float, hi: float, lo_in: bool, hi_in: bool) -> None:

@@ -755,10 +755,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         if is_rank:
             if not args.worker and not args.resume and os.environ["RANK"] == "0":  # under torchrun
-                check_new_run_dir(out, overwrite=False)
+                check_new_run_dir(out, overwrite=None)
             return worker(cfg, out, opts)
         if not args.resume:
-            check_new_run_dir(out, overwrite=False)
+            check_new_run_dir(out, overwrite=None)
         modules = _check_components(cfg)
         if args.nproc is not None and args.nproc != modules:
             raise ConfigError(f"the network has {modules} DGL modules: --nproc must be {modules}, got {args.nproc}")

@@ -140,8 +140,9 @@ def foreign_entries(path: str | Path) -> list[str]:
     )
 
 
-def check_new_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse (one-line ``ConfigError``, nothing touched) an ``--out`` that must not be written to."""
+def check_new_run_dir(out: Path, overwrite: bool | None) -> None:
+    """Refuse (one-line ``ConfigError``, nothing touched) an ``--out`` that must not be written to.
+    ``overwrite``: whether ``--overwrite`` was passed (``None``: the command has no such option)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")
     if not out.exists() or not any(out.iterdir()):
@@ -152,12 +153,10 @@ def check_new_run_dir(out: Path, overwrite: bool) -> None:
             "anytrain); choose another --out" + ("; --overwrite replaces only anytrain runs" if overwrite else "")
         )
     if not overwrite:
+        hint = "" if overwrite is None else "; pass --overwrite to replace it"
         if is_finished_run(out):
-            raise ConfigError(f"output directory {out} already holds a finished run; pass --overwrite to replace it")
-        raise ConfigError(
-            f"output directory {out} holds an unfinished run; continue it with --resume {out}, "
-            "or pass --overwrite to replace it"
-        )
+            raise ConfigError(f"output directory {out} already holds a finished run{hint}")
+        raise ConfigError(f"output directory {out} holds an unfinished run; continue it with --resume {out}{hint}")
     foreign = foreign_entries(out)
     if foreign:
         names = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,25 +79,34 @@ def resolve_device(name: str) -> torch.device:
 def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBundle:
     """The ``DataBundle`` a config names (``augment`` overrides ``data.augment``)."""
     d = cfg["data"]
-    return load_dataset(
-        d["name"],
-        **(d.get("options") or {}),
-        data_dir=d.get("data_dir"),
-        seed=cfg["seed"],
-        num_samples=d.get("num_samples"),
-        augment=bool(d.get("augment", True)) if augment is None else augment,
-    )
+    try:
+        return load_dataset(
+            d["name"],
+            **(d.get("options") or {}),
+            data_dir=d.get("data_dir"),
+            seed=cfg["seed"],
+            num_samples=d.get("num_samples"),
+            augment=bool(d.get("augment", True)) if augment is None else augment,
+        )
+    except (TypeError, ValueError) as e:  # a data-set option of the wrong type or value
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"data set {d['name']!r}: {e}") from None
 
 
 def model_from_config(cfg: dict[str, Any], data: DataBundle) -> StagedNet:
     """The staged net a config names, shaped for ``data``; a bad keyword is a one-line ``ConfigError``."""
     try:
-        return build_model(
-            cfg["model"]["name"],
-            in_shape=data.input_shape,
-            num_classes=data.num_classes,
-            **builder_kwargs(cfg["model"]),
-        )
+        with warnings.catch_warnings():  # torch only warns about a layer of size 0 (a width or shape of 0)
+            warnings.filterwarnings("error", "Initializing zero-element tensors", UserWarning)
+            return build_model(
+                cfg["model"]["name"],
+                in_shape=data.input_shape,
+                num_classes=data.num_classes,
+                **builder_kwargs(cfg["model"]),
+            )
+    except UserWarning:
+        raise ConfigError(f"model {cfg['model']['name']!r}: a layer would have no weights (a size of 0)") from None
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
