@@ -225,7 +225,7 @@ def test_bad_checkpoint_on_resume_is_one_line_and_touches_nothing(tmp_path, caps
         (["rule.name=dgl", "rule.modules=7"], "rule 'dgl'"),
         (["rule.name=torchjd:NoSuchAggregator"], "unknown TorchJD aggregator"),
         (["schedule.name=nope"], "schedule"),
-        (["model.exits=0"], "model 'cnn1d-exits'"),
+        (["model.exits=0"], "model.exits must be > 0"),
     ],
 )
 def test_bad_config_is_one_line(tmp_path, capsys, extra, msg):

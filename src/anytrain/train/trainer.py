@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor
 
 from anytrain.config import builder_kwargs, dump_config, resume_changes, safe_load
@@ -233,17 +234,20 @@ class Trainer:
         if not self.checkpoint_path.exists():  # stopped before its first checkpoint: start from the beginning
             return
         ck = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        mismatch = state_dict_mismatch(self.net.state_dict(), ck.get("model"))
+        if mismatch:
+            raise ConfigError(f"checkpoint {self.checkpoint_path} was written for another model: {mismatch}")
         saved = ck.get("config")
-        old = safe_load(saved) if isinstance(saved, str) else None
+        try:
+            old = safe_load(saved) if isinstance(saved, str) else None
+        except yaml.YAMLError:
+            old = None  # not ours to judge here: the model and state checks below still apply
         changed = resume_changes(old, self.cfg) if isinstance(old, dict) else []
         if changed:
             raise ConfigError(
                 f"{self.out / 'config.yaml'} differs from the config its checkpoint was written with "
                 f"({', '.join(changed[:3])}); resuming would change the run half-way: restore it or start a new run"
             )
-        mismatch = state_dict_mismatch(self.net.state_dict(), ck.get("model"))
-        if mismatch:
-            raise ConfigError(f"checkpoint {self.checkpoint_path} was written for another model: {mismatch}")
         # Everything read from the file is inside the try: a tagged checkpoint with missing or mistyped entries
         # is a one-line error too (nothing has been written yet, so the run directory is untouched).
         try:
