@@ -6,18 +6,23 @@ afterwards (a loadable checkpoint, the same final weights after ``--resume``, an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from anytrain.cli import main
@@ -566,7 +571,6 @@ def test_case_table_is_large_enough():
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bad_input_one_line_and_nothing_changed(tmp_path, capsys, runs, case):
-    import shutil
 
     argv, prep, code, msg = CASES[case]
     for name in ("run", "live", "user"):
@@ -631,9 +635,6 @@ def test_ctrl_c_message_is_true_and_resume_finishes_identically(tmp_path, capsys
 
 @pytest.mark.parametrize("fault", ["interrupt", "diverge", "disk-full"])
 def test_failed_replacement_leaves_the_old_run_as_it_was(tmp_path, capsys, monkeypatch, runs, fault):
-    import errno
-    import shutil
-
     old = tmp_path / "run"
     shutil.copytree(runs / "run", old)
     before = tree(tmp_path)
@@ -676,7 +677,6 @@ def test_killed_while_plotting_is_not_finished_and_resume_finishes(tmp_path, cap
 
 def test_disk_full_during_training_exits_3_keeping_the_checkpoint(tmp_path, capsys, monkeypatch, reference):
     """ENOSPC on the write after the first checkpoint: exit 3, one line, the checkpoint of epoch 1 intact."""
-    import errno
 
     out = tmp_path / "run"
     real_fsync, calls = os.fsync, {"n": 0}
@@ -701,7 +701,6 @@ def test_disk_full_during_training_exits_3_keeping_the_checkpoint(tmp_path, caps
 
 def test_read_only_file_system_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """(Simulated: the tests may run as root, for whom chmod does not make a folder read-only.)"""
-    import errno
 
     def mkdir(self, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(self))
@@ -714,7 +713,6 @@ def test_read_only_file_system_is_one_line_and_writes_nothing(tmp_path, capsys, 
 
 
 def test_resume_accepts_settings_that_do_not_change_the_math(tmp_path, capsys, runs, reference):
-    import shutil
 
     live = tmp_path / "live"
     shutil.copytree(runs / "live", live)
@@ -761,10 +759,12 @@ def test_shipped_configs_resolve_from_anywhere(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_wheel_contains_the_configs(tmp_path):
-    import zipfile
 
     root = Path(__file__).parents[1]
-    cmd = [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    src = tmp_path / "src"  # a copy: building in place would leave build/ and *.egg-info in the checkout
+    skip = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "runs", "__pycache__", ".*cache")
+    shutil.copytree(root, src, symlinks=True, ignore=skip)
+    cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("anytrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -773,8 +773,6 @@ def test_wheel_contains_the_configs(tmp_path):
 
 
 # ---- config fuzzing (hypothesis): the validator against an oracle written here ------------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 # key → predicate a value must satisfy (the independent statement of each rule)
 INF = float("inf")
