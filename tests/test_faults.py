@@ -670,7 +670,7 @@ def test_killed_while_plotting_is_not_finished_and_resume_finishes(tmp_path, cap
     assert main(["train", "--resume", str(out)]) == 0
     assert (out / "accuracy_vs_flops.png").is_file() and (out / "metrics.json").is_file()
     ref = tmp_path / "ref"
-    assert main(["train", *args, "--out", str(ref)]) == 0
+    assert main(["train", *sets(ONE), "--out", str(ref)]) == 0  # (plots do not change the metrics)
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
     assert m1["exits"] == m2["exits"] and m1["steps"] == m2["steps"]
 
@@ -817,7 +817,7 @@ VALUES = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(key=st.sampled_from(sorted(ORACLE)), value=VALUES)
 def test_validator_agrees_with_oracle(key, value):
     from anytrain.config import validate
