@@ -132,9 +132,9 @@ def _plan(n: int, seed: int) -> list[tuple[int, float]]:
     ]
 
 
-@pytest.mark.parametrize("trial", range(3))
+@pytest.mark.parametrize("trial", range(2))
 def test_sigkill_then_resume_reaches_same_weights(tmp_path, reference, trial):
-    target, jitter = [(-1, 0.0), (-1, 0.03), (1, 0.01)][trial]  # two kills inside the first epoch
+    target, jitter = [(-1, 0.02), (1, 0.01)][trial]  # inside the first epoch; after the second checkpoint
     kill_and_resume(tmp_path, target, jitter, reference)
 
 
@@ -589,19 +589,12 @@ def test_bad_input_one_line_and_nothing_changed(tmp_path, capsys, runs, case):
     assert not (Path.cwd() / "pwned").exists()
 
 
-@pytest.mark.parametrize(
-    "argv,msg",
-    [
-        (["train", "--set", "seed=99999999999999999999", "--out", "{tmp}/r"], "seed is out of range"),
-        (["eval", "{tmp}"], "holds no metrics.json"),
-    ],
-)
-def test_bad_input_through_the_console_script(tmp_path, argv, msg):
-    """A representative pair through a real process: exit status 2, one line on stderr, no traceback."""
-    p = subprocess.run(
-        [sys.executable, "-m", "anytrain.cli", *_fill(argv, tmp_path)], capture_output=True, text=True, timeout=120
-    )
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and msg in p.stderr, p.stderr
+def test_bad_input_through_the_console_script(tmp_path):
+    """The table above calls ``main`` in-process; one case through a real process: exit status 2, one line on
+    stderr (no warning or traceback around it), nothing written."""
+    argv = ["train", "--set", "seed=99999999999999999999", "--out", str(tmp_path / "r")]
+    p = subprocess.run([sys.executable, "-m", "anytrain.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "seed is out of range" in p.stderr, p.stderr
     assert list(tmp_path.iterdir()) == []
 
 
