@@ -60,7 +60,7 @@ def test_train_eval_plot_list(tmp_path, capsys):
         (["--set", "optimizer.lr=-1"], "optimizer.lr must be > 0"),
         (["--set", "train.epochs=0"], "train.epochs must be > 0"),
         (["--set", "train.epochz=3"], "unknown config key 'train.epochz'"),
-        (["--set", "data.batch_size=abc"], "data.batch_size must be a number"),
+        (["--set", "data.batch_size=abc"], "data.batch_size must be an integer"),
         (["--set", "data.name=cifar10"], "cifar"),
         (["--set", "rule.name=weighted", "--set", "rule.weights=[1,2]"], "2 weights but the network has 4"),
         (["--set", "model.bogus=1"], "model 'nested-width'"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,25 +39,20 @@ def _table(metrics: dict[str, Any]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from anytrain.config import load_config
+    from anytrain.train.checkpoint import check_new_run_dir, resume_config
 
     if args.resume:
-        run = Path(args.resume)
-        if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
-            return _fail(f"{run} is not a resumable run directory (needs config.yaml and checkpoint.pt)")
-        if (run / "metrics.json").is_file():
-            return _fail(f"{run} already holds a finished run (metrics.json); nothing to resume")
-        cfg = load_config(run / "config.yaml", args.set)
-        out = run
+        if args.config or args.out or args.overwrite:
+            extra = "CONFIG" if args.config else "--out" if args.out else "--overwrite"
+            return _fail(f"--resume DIR continues the run with DIR's own config.yaml; drop {extra}")
+        out = Path(args.resume)
+        cfg = resume_config(out, args.set)
     else:
         if args.out is None:
             return _fail("train needs --out DIR (or --resume DIR)")
         cfg = load_config(args.config, args.set)
         out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            finished = (out / "metrics.json").is_file()
-            if not args.overwrite:
-                what = "a finished run" if finished else "files (an unfinished run? use --resume)"
-                return _fail(f"output directory {out} already holds {what}; pass --overwrite to replace it")
+        check_new_run_dir(out, args.overwrite)
     from anytrain.train import distributed as dp
 
     # Launched by torchrun (WORLD_SIZE > 1): join the process group; every rank runs this same function.
@@ -75,7 +70,7 @@ def _train_run(cfg: dict[str, Any], out: Path, args: argparse.Namespace, ctx: An
     import torch
 
     from anytrain.train import distributed as dp
-    from anytrain.train.trainer import Trainer, TrainingDiverged, build_components
+    from anytrain.train.trainer import Trainer, TrainingFault, build_components
 
     device = None
     if ctx.enabled and _wants_cuda(cfg):
@@ -84,26 +79,32 @@ def _train_run(cfg: dict[str, Any], out: Path, args: argparse.Namespace, ctx: An
     trainer = None
     try:
         comps = build_components(cfg, device)  # all input errors surface here, before the run directory is touched
+        trainer = Trainer(cfg, out, resume=bool(args.resume), replace=args.overwrite, components=comps)
     except ConfigError as e:
         err = str(e)
-    if not dp.all_agree(err is None):  # every rank stops if any rank failed (no rank left waiting)
+    except (MemoryError, RuntimeError) as e:  # e.g. a data set or model too large for this machine
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        err = f"out of memory while building the run: {_first_line(e)}"
+    if not dp.all_agree(err is None) or trainer is None:  # every rank stops if any rank failed (none left waiting)
         return _fail(err or "another rank failed to start (see its message)")
-    if ctx.is_main and not args.resume and args.overwrite and out.exists():
-        shutil.rmtree(out)
-    try:
-        trainer = Trainer(cfg, out, resume=bool(args.resume), components=comps)
-    except ConfigError as e:
-        err = str(e)
-    if not dp.all_agree(err is None) or trainer is None:
-        return _fail(err or "another rank failed to start (see its message)")
+    if ctx.is_main and args.resume and trainer.start_epoch == 0:
+        print(f"{out} has no checkpoint yet: training it from the beginning")
     try:
         metrics = trainer.fit()
-    except TrainingDiverged as e:
+    except TrainingFault as e:
         return _fail(str(e), EXIT_DIVERGED)
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; {trainer.checkpoint_note()}", 130)
     if ctx.is_main:
         print(_table(metrics))
         print(f"run directory: {out}" + (f" ({ctx.world_size} data-parallel ranks)" if ctx.enabled else ""))
     return 0
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def _wants_cuda(cfg: dict[str, Any]) -> bool:
@@ -113,18 +114,62 @@ def _wants_cuda(cfg: dict[str, Any]) -> bool:
     return dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    p = Path(args.run) / "metrics.json"
+def _read_metrics(run: str) -> dict[str, Any]:
+    """A finished run's metrics.json, checked enough for the table (a one-line ``ConfigError`` otherwise)."""
+    p = Path(run) / "metrics.json"
     if not p.is_file():
-        return _fail(f"{args.run} holds no metrics.json (is it a finished run directory?)")
+        raise ConfigError(f"{run} holds no metrics.json (is it a finished run directory?)")
     try:
-        metrics = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        return _fail(f"{p} is not valid JSON: {e}")
-    print(_table(metrics))
+        metrics = json.loads(p.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not valid JSON: {_first_line(e)}") from None
+    exits = metrics.get("exits") if isinstance(metrics, dict) else None
+    if not (
+        isinstance(exits, list)
+        and exits
+        and all(
+            isinstance(e, dict)
+            and isinstance(e.get("index"), int)
+            and isinstance(e.get("flops"), int)
+            and isinstance(e.get("accuracy"), (int, float))
+            for e in exits
+        )
+        and all(k in metrics for k in ("rule", "optimizer", "dataset", "epochs"))
+    ):
+        raise ConfigError(f"{p} is malformed: expected rule, optimizer, dataset, epochs and a list of exits")
+    return metrics
+
+
+def _read_history(p: Path) -> None:
+    """Check that history.json is a list of per-epoch records (epoch, train_loss and test_acc per exit)."""
+    try:
+        h = json.loads(p.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not valid JSON: {_first_line(e)}") from None
+    ok = isinstance(h, list) and all(
+        isinstance(r, dict)
+        and isinstance(r.get("epoch"), int)
+        and all(
+            isinstance(r.get(k), list) and all(isinstance(v, (int, float)) for v in r[k])
+            for k in ("train_loss", "test_acc")
+        )
+        for r in h
+    )
+    if not ok:
+        raise ConfigError(f"{p} is malformed: expected a list of records with epoch, train_loss and test_acc")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    metrics = _read_metrics(args.run)
+    try:
+        print(_table(metrics))
+    except (KeyError, TypeError, ValueError) as e:
+        return _fail(f"{Path(args.run) / 'metrics.json'} is malformed: {type(e).__name__}: {_first_line(e)}")
     if args.budget is not None:
         from anytrain.eval.anytime import deadline_exit
 
+        if not math.isfinite(args.budget):
+            return _fail(f"--budget must be a finite number of MACs, got {args.budget}")
         flops = [e["flops"] for e in metrics["exits"]]
         try:
             k = deadline_exit(flops, args.budget)
@@ -139,7 +184,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from anytrain.eval.plots import plot_run
 
-    for path in plot_run(args.run):
+    run = Path(args.run)
+    if not run.is_dir():
+        return _fail(f"{run} is not a directory")
+    # Check both files before drawing anything, so a malformed one leaves the directory as it was.
+    if (run / "metrics.json").is_file():
+        _read_metrics(args.run)
+    if (run / "history.json").is_file():
+        _read_history(run / "history.json")
+    try:
+        paths = plot_run(run)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        return _fail(f"cannot plot {args.run}: metrics.json or history.json is malformed ({why})")
+    for path in paths:
         print(path)
     return 0
 
@@ -186,8 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set optimizer.lr=0.05 (repeatable)",
     )
     t.add_argument("--out", help="run directory to create")
-    t.add_argument("--resume", metavar="DIR", help="continue the unfinished run in DIR")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument(
+        "--resume", metavar="DIR", help="continue the unfinished run in DIR (from its last checkpoint, if any)"
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the anytrain run in --out (only a run; swapped in once the new run has its first checkpoint)",
+    )
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="print the per-exit table of a finished run")
     e.add_argument("run")
@@ -220,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args))
     except ConfigError as e:
         return _fail(str(e))
+    except OSError as e:  # the file system refused a read or write before anything was changed
+        where = f" {e.filename}" if e.filename else ""
+        return _fail(f"cannot access{where}: {e.strerror or _first_line(e)}")
     except KeyboardInterrupt:
-        return _fail("interrupted; the last completed epoch's checkpoint is kept", 130)
+        return _fail("interrupted", 130)
 
 
 if __name__ == "__main__":

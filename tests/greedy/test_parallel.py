@@ -66,6 +66,8 @@ def test_two_ranks_equal_single_process_dgl(reference, tmp_path: Path) -> None:
     m = json.loads((tmp_path / "par" / "metrics.json").read_text())
     assert [e["index"] for e in m["exits"]] == [0, 1] and m["parallel"]["world_size"] == 2
     assert [r["steps"] for r in m["parallel"]["ranks"]] == [32, 32]  # 512 // 32 batches × 2 epochs, each once
+    for r in (0, 1):  # one progress line per rank and epoch, as `anytrain train` prints per epoch
+        assert f"rank {r} (stages [{r}]): epoch 2/2  loss " in p.stdout, p.stdout
 
 
 @pytest.mark.distributed
@@ -78,7 +80,8 @@ def test_dead_rank_exits_nonzero_naming_it_then_resume_matches(reference, tmp_pa
     assert p.returncode != 0
     assert "rank 1 failed" in p.stderr and secs < 60, (secs, p.stderr[-2000:])
     assert latest_complete_epoch(out) == 0
-    p, _ = run(cfg, out, "--resume")
+    resume = [sys.executable, "-m", "anytrain.greedy.parallel", "--resume", str(out)]
+    p = subprocess.run(resume, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     par = weights(out / "model.pt")
     for k in ref:

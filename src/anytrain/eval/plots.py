@@ -16,7 +16,9 @@ def _read(path: Path) -> object:
         raise ConfigError(f"cannot read {path}: {e}") from None
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
+def plot_run(run_dir: str | Path, metrics: dict | None = None) -> list[Path]:
+    """Write the figures of a run directory; ``metrics`` stands in for its metrics.json (the trainer plots
+    before it writes metrics.json, which marks the run as finished)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +27,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     run = Path(run_dir)
     written: list[Path] = []
     mpath, hpath = run / "metrics.json", run / "history.json"
-    if not mpath.is_file() and not hpath.is_file():
+    if metrics is None and not mpath.is_file() and not hpath.is_file():
         raise ConfigError(f"{run} holds no metrics.json or history.json: not a run directory")
 
     def save(fig: object, name: str) -> None:
@@ -36,8 +38,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         tmp.replace(p)
         written.append(p)
 
-    if mpath.is_file():
-        m = _read(mpath)
+    if metrics is not None or mpath.is_file():
+        m = metrics if metrics is not None else _read(mpath)
         assert isinstance(m, dict)
         flops = [e["flops"] for e in m["exits"]]
         acc = [e["accuracy"] for e in m["exits"]]

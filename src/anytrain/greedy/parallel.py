@@ -199,6 +199,10 @@ class RankModule:
                 net.exits[k] = nn.Identity()
         net.to(device)
         self.steps = 0
+        # progress: the module's mean loss over the steps since its last checkpoint (summed on device, no sync)
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_steps = 0
+        self.since = time.perf_counter()
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         return module_forward(self.net, self.stages, x)
@@ -211,7 +215,22 @@ class RankModule:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+        self.loss_sum += loss.detach()
+        self.loss_steps += 1
         return loss.detach()
+
+    def report(self, epoch: int) -> None:
+        """One progress line per rank and epoch (printed when the rank checkpoints the epoch)."""
+        mean = self.loss_sum.item() / max(1, self.loss_steps)
+        secs = time.perf_counter() - self.since
+        print(
+            f"rank {self.rank} (stages {list(self.stages)}): epoch {epoch + 1}/{self.epochs}  loss {mean:.4f}  "
+            f"{self.loss_steps} steps  {secs:.1f}s",
+            flush=True,
+        )
+        self.loss_sum.zero_()
+        self.loss_steps = 0
+        self.since = time.perf_counter()
 
     def shard(self, epoch: int, buffer: ReplayBuffer | None) -> dict[str, Any]:
         return {
@@ -335,6 +354,8 @@ def _save_shard(rm: RankModule, out: Path, epoch: int | None, buffer: ReplayBuff
 
     d = _ckpt_dir(out, epoch)
     save_checkpoint(d / f"rank{rm.rank}.pt", rm.shard(-1 if epoch is None else epoch, buffer))
+    if epoch is not None:
+        rm.report(epoch)
     if rm.rank == rm.world - 1:  # the marker reached the last rank: every earlier shard is on disk
         atomic_write_text(d / "COMPLETE", f"{rm.world}\n")
 
@@ -708,8 +729,12 @@ def build_parser(prog: str = "anytrain dgl-parallel") -> argparse.ArgumentParser
     )
     p.add_argument("config", nargs="?", help="YAML config (rule.name must be dgl)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the unfinished run in DIR from its newest complete checkpoint (with DIR's config.yaml)",
+    )
     p.add_argument("--buffer", type=int, default=0, help="0: synchronous pipeline; M>0: replay buffer of M batches")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer before failing")
     p.add_argument("--inflight", type=int, default=2, help="outstanding sends per rank")
@@ -721,52 +746,67 @@ def build_parser(prog: str = "anytrain dgl-parallel") -> argparse.ArgumentParser
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``anytrain dgl-parallel`` (local launcher) or one rank (``--worker`` / under torchrun)."""
     from anytrain.config import dump_config, load_config
-    from anytrain.train.checkpoint import atomic_write_text
+    from anytrain.train.checkpoint import atomic_write_text, check_new_run_dir, resume_config
 
     args = build_parser().parse_args(argv)
+    is_rank = args.worker or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
     try:
-        cfg = load_config(args.config, args.set)
+        if args.resume:
+            if args.config or args.out:
+                extra = "CONFIG" if args.config else "--out"
+                raise ConfigError(f"--resume DIR continues the run with DIR's own config.yaml; drop {extra}")
+            out = Path(args.resume)
+            cfg = resume_config(out, args.set)
+        else:
+            if args.out is None:
+                raise ConfigError("dgl-parallel needs --out DIR (or --resume DIR)")
+            out = Path(args.out)
+            cfg = load_config(args.config, args.set)
         if cfg["rule"]["name"] != "dgl":
             raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg['rule']['name']!r}")
-        opts = ParallelOptions(buffer=args.buffer, timeout=args.timeout, inflight=args.inflight, resume=args.resume)
-        out = Path(args.out)
-        is_rank = args.worker or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+        opts = ParallelOptions(
+            buffer=args.buffer, timeout=args.timeout, inflight=args.inflight, resume=bool(args.resume)
+        )
+        if args.nproc is not None and args.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         if is_rank:
+            if not args.worker and not args.resume and os.environ["RANK"] == "0":  # under torchrun
+                check_new_run_dir(out, overwrite=None)
             return worker(cfg, out, opts)
-        if out.exists() and any(out.iterdir()) and not args.resume:
-            raise ConfigError(f"run directory {out} exists and is not empty; use --resume or another --out")
-        if args.resume and (out / "checkpoints" / "final" / "COMPLETE").is_file():
-            raise ConfigError(f"run in {out} already finished")
-        nproc = args.nproc or _num_modules(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        if not args.resume:
+            check_new_run_dir(out, overwrite=None)
+        modules = _check_components(cfg)
+        if args.nproc is not None and args.nproc != modules:
+            raise ConfigError(f"the network has {modules} DGL modules: --nproc must be {modules}, got {args.nproc}")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
+        except OSError as e:
+            raise ConfigError(f"cannot create run directory {out}: {e.strerror or e}") from None
     except ConfigError as e:
         print(f"anytrain dgl-parallel: {e}", file=sys.stderr)
         return 2
     # Rebuilt from the parsed options, so it does not matter how the caller's argv looked.
-    worker_argv = [str(args.config)] if args.config else []
+    worker_argv = (
+        ["--resume", str(out)] if args.resume else [*([str(args.config)] if args.config else []), "--out", str(out)]
+    )
     for item in args.set:
         worker_argv += ["--set", item]
-    worker_argv += [
-        "--out",
-        str(out),
-        "--buffer",
-        str(opts.buffer),
-        "--timeout",
-        str(opts.timeout),
-        "--inflight",
-        str(opts.inflight),
-    ] + (["--resume"] if opts.resume else [])
-    return launch(worker_argv, nproc)
+    worker_argv += ["--buffer", str(opts.buffer), "--timeout", str(opts.timeout), "--inflight", str(opts.inflight)]
+    return launch(worker_argv, modules)
 
 
-def _num_modules(cfg: dict[str, Any]) -> int:
-    from anytrain.greedy.modules import partition_stages
-    from anytrain.train.trainer import data_from_config, model_from_config
+def _check_components(cfg: dict[str, Any]) -> int:
+    """Build what the ranks will build (data, net, rule, optimizers, schedule) once, so that bad input is one
+    line before the run directory is written; returns the number of DGL modules (= processes)."""
+    import torch
 
-    data = data_from_config(cfg, augment=False)
-    net = model_from_config(cfg, data)
-    return len(partition_stages(net.num_exits, cfg["rule"].get("modules")))
+    from anytrain.train.schedule import build_scheduler
+    from anytrain.train.trainer import build_components
+
+    comps = build_components(cfg, torch.device("cpu"))
+    build_scheduler(comps["optimizer"], cfg["schedule"], int(cfg["train"]["epochs"]), 1)
+    return len(comps["rule"].partition)
 
 
 if __name__ == "__main__":

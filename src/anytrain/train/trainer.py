@@ -2,13 +2,18 @@
 
 Run directory layout::
 
-    config.yaml      fully resolved config
+    config.yaml      fully resolved config; its first line marks the directory as an anytrain run
     checkpoint.pt    last completed epoch (model, optimizer, scheduler, rule, RNG, history), atomic
     best.pt          weights only, at the best mean exit accuracy on the test split (early stopping)
-    metrics.json     written when the run finishes (contract: rule, optimizer, dataset, epochs, exits)
     history.json     per-epoch metrics, rewritten each epoch
-    events.*         TensorBoard scalars
+    tb/events.*      TensorBoard scalars
     *.png            plots
+    metrics.json     written last, when the run finishes (contract: rule, optimizer, dataset, epochs, exits)
+
+Lifecycle: the directory is resumable from the moment it exists (``--resume`` of a run without a checkpoint
+starts it from the beginning, which reaches the same weights); it is finished once metrics.json exists. A run
+that replaces another (``--overwrite``) is built in a hidden sibling directory and swapped in at its first
+checkpoint, so a replacement that fails or is interrupted before then leaves the old run as it was.
 
 Exactness of ``--resume``: the batch order and augmentation of epoch ``e`` are a pure function of
 ``(seed, e)``, and the checkpoint holds every other piece of state (weights, optimizer and scheduler state,
@@ -19,15 +24,18 @@ never stopped.
 from __future__ import annotations
 
 import math
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor
 
-from anytrain.config import builder_kwargs, dump_config
+from anytrain.config import builder_kwargs, dump_config, resume_changes, safe_load
 from anytrain.data import BatchLoader, DataBundle, load_dataset
 from anytrain.eval.anytime import accuracy_per_exit, anytime_auc, confidence_exit, exit_logits
 from anytrain.nets import StagedNet, build_model
@@ -35,11 +43,25 @@ from anytrain.optim import build_optimizer
 from anytrain.registry import ConfigError
 from anytrain.rules import GradientRule, build_rule
 from anytrain.train import distributed as dp
-from anytrain.train.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from anytrain.train.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    clear_staging,
+    load_checkpoint,
+    save_checkpoint,
+    staging_dir,
+    state_dict_mismatch,
+    swap_in,
+)
 from anytrain.train.schedule import build_scheduler
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingFault(RuntimeError):
+    """A fault during training (non-finite values, a failed write): the run stops and keeps its last good
+    checkpoint. The message is one line."""
+
+
+class TrainingDiverged(TrainingFault):
     """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
 
 
@@ -58,25 +80,34 @@ def resolve_device(name: str) -> torch.device:
 def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBundle:
     """The ``DataBundle`` a config names (``augment`` overrides ``data.augment``)."""
     d = cfg["data"]
-    return load_dataset(
-        d["name"],
-        **(d.get("options") or {}),
-        data_dir=d.get("data_dir"),
-        seed=cfg["seed"],
-        num_samples=d.get("num_samples"),
-        augment=bool(d.get("augment", True)) if augment is None else augment,
-    )
+    try:
+        return load_dataset(
+            d["name"],
+            **(d.get("options") or {}),
+            data_dir=d.get("data_dir"),
+            seed=cfg["seed"],
+            num_samples=d.get("num_samples"),
+            augment=bool(d.get("augment", True)) if augment is None else augment,
+        )
+    except (TypeError, ValueError) as e:  # a data-set option of the wrong type or value
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"data set {d['name']!r}: {e}") from None
 
 
 def model_from_config(cfg: dict[str, Any], data: DataBundle) -> StagedNet:
     """The staged net a config names, shaped for ``data``; a bad keyword is a one-line ``ConfigError``."""
     try:
-        return build_model(
-            cfg["model"]["name"],
-            in_shape=data.input_shape,
-            num_classes=data.num_classes,
-            **builder_kwargs(cfg["model"]),
-        )
+        with warnings.catch_warnings():  # torch only warns about a layer of size 0 (a width or shape of 0)
+            warnings.filterwarnings("error", "Initializing zero-element tensors", UserWarning)
+            return build_model(
+                cfg["model"]["name"],
+                in_shape=data.input_shape,
+                num_classes=data.num_classes,
+                **builder_kwargs(cfg["model"]),
+            )
+    except UserWarning:
+        raise ConfigError(f"model {cfg['model']['name']!r}: a layer would have no weights (a size of 0)") from None
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -108,7 +139,8 @@ def build_components(cfg: dict[str, Any], device: torch.device | None = None) ->
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"optimizer {o['name']!r}: {e}") from None
+        prefix = f"optimizer {o['name']!r}: "
+        raise ConfigError(str(e) if str(e).startswith(prefix) else prefix + str(e)) from None
     return {"device": device, "data": data, "net": net, "rule": rule, "optimizer": optimizer}
 
 
@@ -121,10 +153,15 @@ class Trainer:
         out_dir: str | Path,
         *,
         resume: bool = False,
+        replace: bool = False,
         components: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
+        self.final_out = self.out  # ``out`` differs while a replacement (``replace=True``) is staged
+        self.replace = replace
+        self._staging = False
+        self.resumed = resume
         t = cfg["train"]
         if t.get("threads"):
             torch.set_num_threads(int(t["threads"]))
@@ -194,7 +231,23 @@ class Trainer:
         }
 
     def _restore(self) -> None:
+        if not self.checkpoint_path.exists():  # stopped before its first checkpoint: start from the beginning
+            return
         ck = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        mismatch = state_dict_mismatch(self.net.state_dict(), ck.get("model"))
+        if mismatch:
+            raise ConfigError(f"checkpoint {self.checkpoint_path} was written for another model: {mismatch}")
+        saved = ck.get("config")
+        try:
+            old = safe_load(saved) if isinstance(saved, str) else None
+        except yaml.YAMLError:
+            old = None  # not ours to judge here: the model and state checks below still apply
+        changed = resume_changes(old, self.cfg) if isinstance(old, dict) else []
+        if changed:
+            raise ConfigError(
+                f"{self.out / 'config.yaml'} differs from the config its checkpoint was written with "
+                f"({', '.join(changed[:3])}); resuming would change the run half-way: restore it or start a new run"
+            )
         # Everything read from the file is inside the try: a tagged checkpoint with missing or mistyped entries
         # is a one-line error too (nothing has been written yet, so the run directory is untouched).
         try:
@@ -243,18 +296,65 @@ class Trainer:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
 
+    def checkpoint_note(self) -> str:
+        """What is left after a stop, in words: for the one-line messages of faults and interrupts."""
+        if self.replace and self.out != self.final_out:
+            return f"{self.final_out} is unchanged (the replacement run never reached its first checkpoint)"
+        if self.checkpoint_path.exists():
+            return f"the last good checkpoint ({self.checkpoint_path}) is kept; continue with --resume {self.out}"
+        return f"no checkpoint was written yet; --resume {self.out} starts the run from the beginning"
+
+    def _open_run_dir(self) -> None:
+        """Create the run directory (or, replacing a run, its staging sibling) and write config.yaml."""
+        if self.replace and self.out.is_dir() and any(self.out.iterdir()):
+            self.out = staging_dir(self.final_out)
+            clear_staging(self.out)
+            self._staging = True
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
+        except OSError as e:  # nothing of the user's was touched: bad input (read-only, not a directory, ...)
+            if self._staging:
+                shutil.rmtree(self.out, ignore_errors=True)
+                self.out = self.final_out
+            raise ConfigError(f"cannot create run directory {self.out}: {e.strerror or e}") from None
+
+    def _open_writer(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # On resume, drop events logged after the checkpoint step by the interrupted session (they will be
+        # logged again); events at the checkpoint step itself were flushed before the checkpoint and stay.
+        self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.resumed else None)
+
+    def _close_writer(self) -> None:
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.close()
+
     def fit(self) -> dict[str, Any]:
+        t = self.cfg["train"]
+        if self.dist.is_main:
+            self._open_run_dir()
+        try:
+            if self.dist.is_main and t.get("tensorboard", True):
+                self._open_writer()
+            return self._fit()
+        except OSError as e:  # disk full, read-only remount, ... while training: a fault, not bad input
+            where = f" {e.filename}" if e.filename else ""
+            raise TrainingFault(f"cannot write{where}: {e.strerror or e}; {self.checkpoint_note()}") from None
+        finally:
+            try:
+                self._close_writer()
+            except OSError:
+                pass  # already failing; TensorBoard events are best effort
+            if self._staging:  # stopped before the replacement's first checkpoint: the old run stays as it was
+                shutil.rmtree(self.out, ignore_errors=True)
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         t = self.cfg["train"]
         main = self.dist.is_main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
-        if main and t.get("tensorboard", True):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step if self.step else None)
         log_every = int(t.get("log_every", 20))
         K = self.net.num_exits
         started = time.perf_counter()
@@ -304,11 +404,7 @@ class Trainer:
         loss_step, grad_step = dp.first_bad_step(bad_step).tolist()  # every rank takes the same decision
         if loss_step < 0 and grad_step < 0:
             return
-        keep = (
-            f"the last good checkpoint ({self.checkpoint_path}) is kept"
-            if self.checkpoint_path.exists()
-            else "no checkpoint was written yet"
-        )
+        keep = self.checkpoint_note()
         if loss_step < 0 or 0 <= grad_step < loss_step:
             raise TrainingDiverged(
                 f"non-finite gradient at step {grad_step} (epoch {epoch + 1}) with finite exit losses; {keep}"
@@ -351,12 +447,25 @@ class Trainer:
             save_checkpoint(self.out / "best.pt", {"epoch": epoch, "model": self.net.state_dict(), "score": score})
         every = int(self.cfg["train"].get("checkpoint_every", 1))
         if (epoch + 1) % every == 0 or epoch + 1 == self.epochs:
+            if self.writer is not None:
+                self.writer.flush()  # the events up to the checkpoint step are on disk before the checkpoint
             save_checkpoint(self.checkpoint_path, self._payload(epoch))
+            if self._staging:
+                self._swap_in()
         atomic_write_json(self.out / "history.json", self.history)
         accs = " ".join(f"{a:.3f}" for a in acc)
         from tqdm.auto import tqdm
 
         tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  test acc per exit: {accs}")
+
+    def _swap_in(self) -> None:
+        """The replacement run has its first checkpoint: it takes the old run's place."""
+        reopen = self.writer is not None
+        self._close_writer()
+        swap_in(self.out, self.final_out)
+        self.out, self._staging = self.final_out, False
+        if reopen:
+            self._open_writer()
 
     def finish(self, seconds: float) -> dict[str, Any]:
         if not self.dist.is_main:
@@ -382,9 +491,9 @@ class Trainer:
             "train_seconds_this_session": seconds,
             **self._extra_metrics(),
         }
-        atomic_write_json(self.out / "metrics.json", metrics)
         if self.cfg["train"].get("plots", True):
             from anytrain.eval.plots import plot_run
 
-            plot_run(self.out)
+            plot_run(self.out, metrics)
+        atomic_write_json(self.out / "metrics.json", metrics)  # last: its presence marks the run as finished
         return metrics
