@@ -12,7 +12,7 @@ from torch import nn
 
 from anytrain.registry import ConfigError
 from anytrain.rules import TorchJDRule, build_rule
-from anytrain.rules.torchjd_rules import aggregator_names
+from anytrain.rules import aggregator_names
 
 F = nn.functional
 HAS_QP = importlib.util.find_spec("quadprog") is not None
