@@ -415,7 +415,10 @@ def test_invalid_options():
     assert "osgd" in repr(build_rule("osgd")).lower()
 
 
-@pytest.mark.parametrize("module", ["anytrain.rules._osgd", "anytrain.rules._torchjd", "anytrain.rules._functional", "anytrain.rules._simple"])
+@pytest.mark.parametrize(
+    "module",
+    ["anytrain.rules._osgd", "anytrain.rules._torchjd", "anytrain.rules._functional", "anytrain.rules._simple"],
+)
 def test_docstring_examples(module):
     import doctest
     import importlib

@@ -66,8 +66,12 @@ class GradientRule(ABC):
     #: Averages a tensor over the data-parallel ranks in place and returns it; set by the trainer, ``None`` when
     #: not distributed. Passed on as the pipeline's explicit ``reduce`` argument.
     reducer: Reduce | None = None
-    #: After :meth:`backward`: ``True`` when everything written into ``.grad`` already is a rank average.
-    reduces_own_grads: bool = False
+
+    @property
+    def reduces_own_grads(self) -> bool:
+        """After :meth:`backward`: ``True`` when everything it wrote into ``.grad`` already is a rank average.
+        Loss weightings (linear in the losses) leave the averaging of ``.grad`` to the caller."""
+        return False
 
     def needs_forward(self) -> str | None:
         """Why this rule cannot work from the losses alone (``None`` when it can): a one-line reason, used by
@@ -151,13 +155,11 @@ class LossWeighting(GradientRule):
         if part is None or reduce is None:
             # Linear in the losses: a caller that averages .grad afterwards gets the exact rank average.
             total.backward()
-            self.reduces_own_grads = False
         else:  # functional call with reduce=: average exactly what this call adds to .grad
             params = part.trunk + part.head_params()
             grads = torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)
             flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
             write_grads(params, list(flat.split([p.numel() for p in params])))
-            self.reduces_own_grads = True
         return {"loss": total.detach()}
 
 
@@ -174,6 +176,11 @@ class GradientWeighting(GradientRule):
     def __init__(self) -> None:
         self._part: ExitPartition | None = None
         self._part_key: tuple[int, int] | None = None
+
+    @property
+    def reduces_own_grads(self) -> bool:
+        """The per-exit gradients are averaged over the ranks before they are combined (non-linear)."""
+        return self.reducer is not None
 
     def bind(self, net: nn.Module) -> None:
         self.net_partition(net, getattr(net, "num_exits", 1))
@@ -205,7 +212,6 @@ class GradientWeighting(GradientRule):
         G, head_grads = per_exit_grads(losses, part, self.grad_method)
         if reduce is not None:  # data parallel: combine the rank-averaged G, not an average of combinations
             G, head_grads = reduce_per_exit(reduce, G, head_grads)
-        self.reduces_own_grads = reduce is not None
         direction, stats = self.aggregate(G, part)
         write_flat(part, direction, head_grads)
         return {"loss": total, **stats}

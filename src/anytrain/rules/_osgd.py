@@ -280,6 +280,12 @@ class OSGD(GradientWeighting):
         self.weights: Tensor | None = None  # cached amortized coefficients a (K,)
         self._seg: tuple[tuple[int, ...], Tensor] | None = None
         self._scaled_forward = False
+        self._exact_step = True  # whether the last backward ran the exact (per-exit) update
+
+    @property
+    def reduces_own_grads(self) -> bool:
+        # An amortized step is one backward of Σ a_k L_k, linear in the losses: the caller averages its .grad.
+        return self.reducer is not None and self._exact_step
 
     def _lengths(self, part: ExitPartition, device: torch.device) -> Tensor:
         key = tuple(part.numels)
@@ -327,10 +333,10 @@ class OSGD(GradientWeighting):
                 "to go through rule.forward(net, x), not net(x)"
             )
         self.steps += 1
+        self._exact_step = refresh
         if not refresh:
             vec = torch.stack(list(losses))
             vec.sum().backward()  # trunk gets Σ a_k g_k through the scaling nodes; heads their own gradient
-            self.reduces_own_grads = False  # linear in the losses: the trainer averages .grad over ranks
             return {"loss": vec.detach().sum()}
         return self.combine(list(losses), None, net=net, reduce=self.reducer)
 

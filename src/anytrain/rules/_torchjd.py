@@ -118,7 +118,6 @@ class TorchJDRule(GradientWeighting):
         return f"aggregator={self.aggregator!r}" if self.aggregator is not None else f"aggregator={self.cls.__name__}"
 
 
-
 class OSGDWeighting(agg.Weighting):
     """TorchJD ``Weighting``: maps the Gramian of the per-objective gradients to OSGD's weights.
 
