@@ -133,7 +133,8 @@ def test_accumulates_into_existing_grad():
         torch.testing.assert_close(2 * pa.grad, pb.grad)
 
 
-def test_multi_task_reach_and_shared_head_sum():
+@pytest.mark.parametrize("grad_method", ["loop", "batched"])
+def test_multi_task_reach_and_shared_head_sum(grad_method):
     """Non-nested reach: task 1 uses shared A and B, task 2 uses A and C (both shared); a private tensor used by
     both tasks gets the sum of both tasks' gradients."""
     g = torch.Generator().manual_seed(4)
@@ -144,7 +145,7 @@ def test_multi_task_reach_and_shared_head_sum():
     shared = [A, C, B]  # any order
     G = _ref_per_exit(losses, shared)
     priv_ref = torch.autograd.grad(losses[0] + losses[1], priv, retain_graph=True)[0]
-    backward(losses, "osgd", shared=shared)
+    backward(losses, OSGD(grad_method=grad_method), shared=shared)
     torch.testing.assert_close(_flat_grads(shared), _ref_gram_schmidt(G).sum(0), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(priv.grad, priv_ref, rtol=1e-12, atol=1e-14)
 
