@@ -162,6 +162,18 @@ def test_torchjd_rule_equals_aggregator_on_reference_jacobian():
     torch.testing.assert_close(_flat_grads(trunk), UPGrad()(J), rtol=1e-6, atol=1e-9)
 
 
+def test_a_torchjd_aggregator_object_plugs_in_like_a_rule():
+    x, y = _data(5)
+    a = _net(5)
+    b = copy.deepcopy(a)
+    backward(_losses(a, x, y), "osgd", shared=a.trunk())
+    backward(_losses(b, x, y), R.OSGDAggregator(), shared=b.trunk())
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="rule must be"):
+        backward(_losses(a, x, y), 3, shared=a.trunk())
+
+
 def test_adaloss_object_keeps_state_across_calls():
     x, y = _data(6)
     net = _net(6)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -11,7 +13,7 @@ from anytrain.rules._pergrad import graph_partition
 
 
 def backward(
-    losses: Sequence[Tensor], rule: str | GradientRule, *, shared: Iterable[Tensor], reduce: Reduce | None = None
+    losses: Sequence[Tensor], rule: str | GradientRule | Any, *, shared: Iterable[Tensor], reduce: Reduce | None = None
 ) -> dict[str, Tensor]:
     """Accumulate the gradients a per-exit rule gives into ``.grad``, like ``torch.autograd.backward``.
 
@@ -32,8 +34,8 @@ def backward(
 
     Args:
         losses: ``K`` scalar tensors, earliest exit (highest priority) first.
-        rule: a registered name (``"osgd"``, ``"joint"``, ``"adaloss"``, ``"torchjd:UPGrad"``, …) or a rule object
-            (it may keep state across calls, e.g. AdaLoss's running averages).
+        rule: a registered name (``"osgd"``, ``"joint"``, ``"adaloss"``, ``"torchjd:UPGrad"``, …), a rule object
+            (it may keep state across calls, e.g. AdaLoss's running averages) or a TorchJD aggregator object.
         shared: the leaf tensors the rule combines across exits; each must be reached by some loss.
         reduce: data parallelism: a function that averages a flat tensor over the ranks in place and returns it
             (``anytrain.train.distributed.average_``). The per-exit gradients are averaged before a non-linear
@@ -62,7 +64,14 @@ def backward(
     if isinstance(rule, str):
         rule = build_rule(rule)
     elif not isinstance(rule, GradientRule):
-        raise ValueError(f"rule must be a rule name or a rule object, got {type(rule).__name__}")
+        if "torchjd" in sys.modules and isinstance(rule, sys.modules["torchjd.aggregation"].Aggregator):
+            from anytrain.rules._torchjd import TorchJDRule
+
+            rule = TorchJDRule(rule)
+        else:
+            raise ValueError(
+                f"rule must be a rule name, a rule object or a TorchJD aggregator, got {type(rule).__name__}"
+            )
     reason = rule.needs_forward()
     if reason is not None:
         raise ValueError(f"rule {rule.name!r} cannot work from losses alone: {reason}")

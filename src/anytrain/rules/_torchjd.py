@@ -64,7 +64,8 @@ class TorchJDRule(GradientWeighting):
 
     Args:
         aggregator: class name in ``torchjd.aggregation`` (case-insensitive): ``UPGrad``, ``PCGrad``, ``MGDA``,
-            ``CAGrad``, ``NashMTL``, ``AlignedMTL``, ``DualProj``, ``IMTLG``, ``GradDrop``, ...
+            ``CAGrad``, ``NashMTL``, ``AlignedMTL``, ``DualProj``, ``IMTLG``, ``GradDrop``, ...; or an aggregator
+            object (any ``torchjd.aggregation.Aggregator``, e.g. ``OSGDAggregator()``).
         grad_method: how the per-exit gradients are computed (``"loop"`` or ``"batched"``).
         **kwargs: passed to the aggregator's constructor (``c`` for CAGrad, ...).
 
@@ -76,15 +77,21 @@ class TorchJDRule(GradientWeighting):
 
     name = "torchjd"
 
-    def __init__(self, aggregator: str, grad_method: str = "loop", **kwargs: Any) -> None:
+    def __init__(self, aggregator: str | agg.Aggregator, grad_method: str = "loop", **kwargs: Any) -> None:
         super().__init__()
         if grad_method not in GRAD_METHODS:
             raise ValueError(f"grad_method must be one of {GRAD_METHODS}, got {grad_method!r}")
-        self.cls = resolve_aggregator(aggregator)
         self.grad_method = grad_method
+        if isinstance(aggregator, agg.Aggregator):  # an aggregator object, used as given
+            if kwargs:
+                raise ValueError("options go to the aggregator's constructor, not with an aggregator object")
+            self.cls, self.kwargs, self._needs_k = type(aggregator), {}, False
+            self.aggregator: nn.Module | None = aggregator
+            return
+        self.cls = resolve_aggregator(aggregator)
         self.kwargs = {**_DEFAULT_KWARGS.get(self.cls.__name__, {}), **kwargs}
         self._needs_k = "n_tasks" in inspect.signature(self.cls).parameters and "n_tasks" not in self.kwargs
-        self.aggregator: nn.Module | None = None if self._needs_k else self._build({})
+        self.aggregator = None if self._needs_k else self._build({})
 
     def _build(self, extra: dict[str, Any]) -> nn.Module:
         try:
