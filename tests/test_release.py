@@ -23,7 +23,7 @@ def test_version_is_consistent(capsys):
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"anytrain {version}"
     changelog = (ROOT / "CHANGELOG.md").read_text()
-    first = re.search(r"^## \[([^\]]+)\]", changelog, re.M)
+    first = re.search(r"^## \[(?!Unreleased\])([^\]]+)\]", changelog, re.M)  # after an optional [Unreleased]
     assert first is not None and first.group(1) == version, "CHANGELOG.md must start with the current version"
 
 
