@@ -89,8 +89,7 @@ class GradientRule(ABC):
         """Accumulate gradients of the per-exit ``losses`` of ``net`` into ``p.grad``; return tensors worth
         logging. ``net`` is a staged network (or, for loss weightings, any module)."""
         check_losses_for(net, losses, self)
-        out = self.combine(list(losses), None, net=net, reduce=self.reducer)
-        return out
+        return self.combine(list(losses), None, net=net, reduce=self.reducer)
 
     @abstractmethod
     def combine(
@@ -113,10 +112,6 @@ class GradientRule(ABC):
         Rules that need one optimizer per module (decoupled greedy learning) override this.
         """
         return factory(net, [p for p in net.parameters() if p.requires_grad])
-
-    def reduce(self, t: Tensor) -> Tensor:
-        """``t`` averaged over the data-parallel ranks (in place); ``t`` itself when not distributed."""
-        return t if self.reducer is None else self.reducer(t)
 
     def reduce_tensors(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Several tensors averaged over the ranks with one collective call (see ``_pergrad.reduce_tensors``)."""

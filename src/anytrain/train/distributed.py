@@ -14,7 +14,7 @@ What must be averaged, and where (the per-rule / per-optimizer contract):
   Gram–Schmidts). The trainer sets ``rule.reducer`` (see :class:`anytrain.rules.GradientRule`), which the rule
   passes as the per-exit pipeline's ``reduce`` argument (one collective for ``G`` and the head gradients); its
   ``reduces_own_grads`` then says so, and the trainer does not average ``.grad`` a second time.
-* Rules with state computed from losses (``adaloss``) average the detached loss vector with ``self.reduce``
+* Rules with state computed from losses (``adaloss``) average the detached loss vector with the same ``reduce``
   before updating their running averages, so every rank computes the same weights.
 * Optimizers whose state is a function of the gradients only (SGD, Adam, SLBI's ``z``/``Γ``) stay identical by
   themselves. Optimizers that read *activations* (the curvature optimizer's Kronecker factors) get the reducer
