@@ -36,14 +36,14 @@ def main() -> None:
     def losses() -> list[torch.Tensor]:
         return [F.cross_entropy(z, y) for z in net(x)]
 
-    def staged(rule_name: str) -> None:
-        rule = build_rule(rule_name)
+    def staged(rule_name: str, **kw: str) -> None:
+        rule = build_rule(rule_name, **kw)
         net.zero_grad(set_to_none=True)
         rule.backward(net, losses())
 
-    def functional(rule_name: str) -> None:
+    def functional(rule_name: str, **kw: str) -> None:
         net.zero_grad(set_to_none=True)
-        backward(losses(), rule_name, shared=trunk)
+        backward(losses(), build_rule(rule_name, **kw), shared=trunk)
 
     held = losses()
 
@@ -53,11 +53,11 @@ def main() -> None:
     def forward_only() -> None:
         losses()
 
-    def median(fn, *a) -> float:  # type: ignore[no-untyped-def]
+    def median(fn, *a, **kw) -> float:  # type: ignore[no-untyped-def]
         ts = []
         for i in range(args.reps + 3):
             t0 = time.perf_counter()
-            fn(*a)
+            fn(*a, **kw)
             if i >= 3:
                 ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
@@ -70,6 +70,8 @@ def main() -> None:
     for r in ("joint", "osgd"):
         print(f"{r:6s} rule.backward(StagedNet)   {1e3 * median(staged, r):7.2f} ms")
         print(f"{r:6s} rules.backward(shared=)    {1e3 * median(functional, r):7.2f} ms")
+    print(f"osgd   batched, StagedNet         {1e3 * median(staged, 'osgd', grad_method='batched'):7.2f} ms")
+    print(f"osgd   batched, rules.backward    {1e3 * median(functional, 'osgd', grad_method='batched'):7.2f} ms")
 
 
 if __name__ == "__main__":
