@@ -319,4 +319,10 @@ def test_dgl_on_wrapped_user_modules_gives_each_block_its_own_exit_gradient():
 def test_import_is_cheap_and_lazy():
     code = "import sys, anytrain.rules; assert 'torchjd' not in sys.modules and 'cvxpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", "import sys, anytrain; assert 'torch' not in sys.modules"], check=True)
     assert R.TorchJDRule.__name__ == "TorchJDRule"  # the lazy names resolve
+    import anytrain
+
+    assert anytrain.backward is backward and anytrain.StagedNet is StagedNet
+    with pytest.raises(AttributeError):
+        anytrain.no_such_thing  # noqa: B018
