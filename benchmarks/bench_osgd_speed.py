@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from anytrain.nets import build_model
 from anytrain.rules import build_rule
-from anytrain.rules.pergrad import exit_partition, per_exit_grads
+from anytrain.rules._pergrad import exit_partition, per_exit_grads
 
 
 def _net(name: str, K: int, norm: bool = True):

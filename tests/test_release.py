@@ -28,11 +28,14 @@ def test_version_is_consistent(capsys):
 
 
 def test_readme_python_examples_run():
-    """The README's Python snippets are executed as written (they must not rot)."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert blocks
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+    """The README's and the method cards' Python snippets are executed as written, in order, each file's
+    snippets sharing one namespace as a reader's session would (they must not rot)."""
+    for doc in ["README.md", "docs/osgd.md", "docs/dgl.md"]:
+        blocks = re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
+        assert blocks, doc
+        ns: dict = {}
+        for code in blocks:
+            exec(compile(code, doc, "exec"), ns)
 
 
 def test_readme_quick_start_is_two_commands():

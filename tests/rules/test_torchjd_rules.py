@@ -11,8 +11,7 @@ from osgd_helpers import brute_force_grads, flat_grad, tiny_net
 from torch import nn
 
 from anytrain.registry import ConfigError
-from anytrain.rules import TorchJDRule, build_rule
-from anytrain.rules.torchjd_rules import aggregator_names
+from anytrain.rules import TorchJDRule, aggregator_names, build_rule
 
 F = nn.functional
 HAS_QP = importlib.util.find_spec("quadprog") is not None

@@ -150,3 +150,33 @@ def test_channel_ignored_by_every_consumer_is_removed_exactly() -> None:
     assert [m for m in small.stages.modules() if isinstance(m, nn.Conv1d)][0].out_channels == first.out_channels - 1
     with torch.no_grad():
         assert _max_diff(net(x), small(x)) < 1e-5
+
+
+def _token_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 5, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        net[2].weight[[1, 4]] = 0  # two neurons whose output is the constant relu(bias): removed, compensated
+        net[2].bias.uniform_(0.5, 1.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("given_probe", [False, True])
+def test_export_takes_integer_token_inputs(given_probe: bool) -> None:
+    net = _token_net()
+    x = torch.randint(0, 20, (6, 5))
+    probe = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(1)) if given_probe else None
+    small, plan = export_pruned(net, x[:1], probe_inputs=probe)
+    assert plan.removed == 2 and small[2].out_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_layer_norm_up_front_naming_it() -> None:
+    net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[2] = 0
+    with pytest.raises(ValueError) as e:
+        export_pruned(net, torch.randn(1, 4))
+    msg = str(e.value)
+    assert "'1'" in msg and "LayerNorm" in msg and "\n" not in msg

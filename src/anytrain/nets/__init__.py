@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from anytrain.nets.staged import StagedNet, check_exits, detach_state, macs_of
+from anytrain.nets.staged import StagedNet, check_exits, detach_state, macs_of, require_staged
 from anytrain.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -30,4 +30,4 @@ def _load_builders() -> None:
 
 _BUILDER_MODULES = ["anytrain.nets.branched", "anytrain.nets.nested"]
 
-__all__ = ["MODELS", "StagedNet", "build_model", "check_exits", "detach_state", "macs_of"]
+__all__ = ["MODELS", "StagedNet", "build_model", "check_exits", "detach_state", "macs_of", "require_staged"]

@@ -27,6 +27,10 @@ def detach_state(state: State) -> State:
 class StagedNet(nn.Module):
     """A network with ``num_exits`` predictions, earliest first.
 
+    Wraps your own blocks and heads: the modules you pass are used as they are (no copies, no re-initialization;
+    ``net.stages[k] is stages[k]``), so training the wrapper trains your modules. This is what the rules that need
+    the stage structure (DGL, SGL, amortized OSGD), the trainer and the exporters take.
+
     Args:
         stages: one module per stage; stage ``k`` takes the state after stage ``k-1``.
         exits: one head per stage, mapping that stage's state to logits.
@@ -113,6 +117,17 @@ class StagedNet(nn.Module):
             acc += s
             out.append(acc + h)
         return out
+
+
+def require_staged(net: Any, what: str) -> StagedNet:
+    """``net`` itself if it is a :class:`StagedNet`; otherwise a one-line ``ValueError`` saying that ``what``
+    needs one and how to get one from the user's own modules."""
+    if isinstance(net, StagedNet):
+        return net
+    raise ValueError(
+        f"{what} needs the stage structure of an anytrain.nets.StagedNet, got {type(net).__name__}; wrap your "
+        "blocks and heads with StagedNet(stages, exits) (no copies)"
+    )
 
 
 def check_exits(net: nn.Module, k: int, what: str) -> None:

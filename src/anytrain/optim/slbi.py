@@ -224,7 +224,8 @@ class SLBI(torch.optim.Optimizer):
     non-zero groups of ``Γ``.
 
     Args:
-        params: parameters or param groups. Per-group options: ``penalty`` (``"auto"``: group lasso for conv
+        params: parameters, ``named_parameters()`` (the names then label the metrics and :meth:`sparsified`), or
+            param groups. Per-group options: ``penalty`` (``"auto"``: group lasso for conv
             weights (dim ≥ 3), lasso for 2-D weights, none for vectors; or ``"group"``, ``"lasso"``,
             ``"none"``), ``group_by`` (``"out"``: one group per output filter/neuron, ``"in"``: per input
             channel/feature), ``names`` (layer names for the metrics), and any hyper-parameter below.
@@ -381,11 +382,21 @@ class SLBI(torch.optim.Optimizer):
     def _sparse_params(self) -> Iterator[tuple[str, Tensor, int | None]]:
         """(name, param, group dim) of every sparsified parameter that has state."""
         for gi, group in enumerate(self.param_groups):
-            names = group.get("names") or [f"group{gi}.param{j}" for j in range(len(group["params"]))]
+            names = (
+                group.get("names")
+                or group.get("param_names")  # SLBI(model.named_parameters(), ...)
+                or [f"group{gi}.param{j}" for j in range(len(group["params"]))]
+            )
             for name, p in zip(names, group["params"]):
                 sparse, gdim = resolve_penalty(p, group["penalty"], group["group_by"])
                 if sparse:
                     yield name, p, gdim
+
+    def sparsified(self) -> dict[str, str]:
+        """Which tensors this optimizer sparsifies: name → ``"lasso"`` or ``"group"`` (over dim 0 for
+        ``group_by="out"``, 1 for ``"in"``: ``"group/dim0"``). Every other tensor takes the plain step. Names come
+        from ``named_parameters()`` (or a group's ``names``) when given, else ``group<i>.param<j>``."""
+        return {n: "lasso" if d is None else f"group/dim{d}" for n, _, d in self._sparse_params()}
 
     def support(self, p: Tensor) -> Tensor:
         """Boolean mask of ``p``'s shape: True where ``Γ`` is non-zero (whole groups under group lasso).

@@ -1,15 +1,30 @@
-"""Gradient rules over exits. ``build_rule(name, **kwargs)``; ``RULES`` lists them."""
+"""Gradient rules over exits: how per-exit losses become parameter gradients.
+
+* ``backward(losses, rule, shared=params)`` — any rule, on any model, in any training loop.
+* ``build_rule(name, **kwargs)`` builds a rule by name; ``RULES`` lists them.
+* ``orthogonalize(G)`` and ``osgd_weights(gram)`` — OSGD's Gram–Schmidt on a ``K×P`` matrix or a Gramian.
+
+TorchJD (and the solvers it imports) loads only when a TorchJD rule, ``OSGDWeighting`` or ``OSGDAggregator`` is
+first used, so importing this package stays cheap.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from anytrain.registry import Registry
-from anytrain.rules.base import GradientRule, scalar_losses
-from anytrain.rules.greedy_rules import DGL, SGL
-from anytrain.rules.osgd import OSGD, OSGDWeighting, orthogonalize, osgd_weights
-from anytrain.rules.simple import AdaLoss, Joint, Weighted
-from anytrain.rules.torchjd_rules import TorchJDRule
+from anytrain.rules._base import GradientRule, GradientWeighting, LossWeighting, scalar_losses
+from anytrain.rules._functional import backward
+from anytrain.rules._greedy import DGL, SGL
+from anytrain.rules._osgd import OSGD, orthogonalize, osgd_coefficients, osgd_weights
+from anytrain.rules._simple import AdaLoss, Joint, Weighted
+
+
+def _torchjd_rule(aggregator: str, **kwargs: Any) -> GradientRule:
+    from anytrain.rules._torchjd import TorchJDRule
+
+    return TorchJDRule(aggregator, **kwargs)
+
 
 RULES: Registry = Registry("rule")
 RULES.register("joint", "sum of exit losses (last_only: true gives plain backprop)")(Joint)
@@ -19,7 +34,7 @@ RULES.register("dgl", "decoupled greedy learning: each module learns only from i
 RULES.register("sgl", "sequential greedy learning: one module at a time, earlier ones frozen")(SGL)
 RULES.register("osgd", "orthogonalized SGD: Gram–Schmidt of per-exit gradients, earliest exit first")(OSGD)
 RULES.register("torchjd:", "a TorchJD aggregator over the per-exit gradients (torchjd:UPGrad, torchjd:PCGrad, ...)")(
-    TorchJDRule
+    _torchjd_rule
 )
 
 
@@ -31,5 +46,37 @@ def build_rule(name: str, **kwargs: Any) -> GradientRule:
     return RULES.get(name)(**kwargs)
 
 
-__all__ = ["DGL", "RULES", "SGL", "AdaLoss", "GradientRule", "Joint", "Weighted", "build_rule", "scalar_losses"]
-__all__ += ["OSGD", "OSGDWeighting", "TorchJDRule", "orthogonalize", "osgd_weights"]
+_LAZY = ("OSGDAggregator", "OSGDWeighting", "TorchJDRule", "aggregator_names")
+
+
+def __getattr__(name: str) -> Any:
+    # The TorchJD-backed names import torchjd on first use only (import cost; see the module docstring).
+    if name in _LAZY:
+        from anytrain.rules import _torchjd
+
+        return getattr(_torchjd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DGL",
+    "OSGD",
+    "RULES",
+    "SGL",
+    "AdaLoss",
+    "GradientRule",
+    "GradientWeighting",
+    "Joint",
+    "LossWeighting",
+    "OSGDAggregator",
+    "OSGDWeighting",
+    "TorchJDRule",
+    "Weighted",
+    "aggregator_names",
+    "backward",
+    "build_rule",
+    "orthogonalize",
+    "osgd_coefficients",
+    "osgd_weights",
+    "scalar_losses",
+]

@@ -34,6 +34,50 @@ from torch import Tensor, nn
 
 LayerTypes = (nn.modules.conv._ConvNd, nn.Linear)
 
+# Layers the exact export understands: each acts on every channel separately (or is a conv/linear layer whose
+# channels the plan removes), so a removed channel's constant passes through it unchanged. A layer that mixes
+# channels (LayerNorm, GroupNorm, softmax, attention, recurrent layers) would compute something else once a
+# channel is gone, so the export refuses it up front.
+_PER_CHANNEL_MODULES = (
+    "torch.nn.modules.activation",
+    "torch.nn.modules.dropout",
+    "torch.nn.modules.pooling",
+    "torch.nn.modules.padding",
+    "torch.nn.modules.flatten",
+)
+_CHANNEL_MIXING = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.MultiheadAttention)
+_SUPPORTED = (*LayerTypes, nn.modules.batchnorm._BatchNorm, nn.Embedding, nn.Identity, nn.Upsample)
+
+
+def check_exportable(model: nn.Module) -> None:
+    """A one-line ``ValueError`` naming the first layer of ``model`` the exact export does not support."""
+    for name, m in model.named_modules():
+        leaf = next(m.children(), None) is None
+        own_params = next(m.parameters(recurse=False), None) is not None
+        if not (leaf or own_params):
+            continue  # a container: its children are checked
+        ok = isinstance(m, _SUPPORTED) or (
+            type(m).__module__ in _PER_CHANNEL_MODULES and not isinstance(m, _CHANNEL_MIXING)
+        )
+        if not ok:
+            raise ValueError(
+                f"cannot export {name or 'the model'!r} ({type(m).__name__}) exactly: it mixes channels or is "
+                "not a layer the pruner knows; supported: conv, linear, batch norm, embedding, per-channel "
+                "activations, pooling, dropout, flatten"
+            )
+
+
+def default_probe(example_inputs: Tensor, n: int = 4) -> Tensor:
+    """``n`` probe inputs shaped and typed like ``example_inputs``: standard normal for floating-point inputs,
+    integers drawn from the range ``example_inputs`` spans (valid token ids) otherwise. Seeded: the same every
+    call."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (n, *example_inputs.shape[1:])
+    if example_inputs.is_floating_point():
+        return torch.randn(shape, generator=gen).to(example_inputs)
+    lo, hi = int(example_inputs.min()), int(example_inputs.max())
+    return torch.randint(lo, hi + 1, shape, generator=gen).to(device=example_inputs.device, dtype=example_inputs.dtype)
+
 
 @dataclass
 class PruningPlan:
@@ -205,7 +249,9 @@ def apply_plan(
 ) -> nn.Module:
     """A pruned deep copy of ``model`` (``model`` is untouched). With ``compensate``, the constant
     contributions of removed channels are added back (see the module docstring) so that the result equals
-    ``model`` in eval mode."""
+    ``model`` in eval mode; they are measured on ``probe_inputs`` (default :func:`default_probe`)."""
+    if compensate:
+        check_exportable(model)
     out = copy.deepcopy(model).eval()
     dg = build_graph(out, example_inputs)
     # (consumer layer, its removed input indices) per group, resolved on the unpruned copy
@@ -226,13 +272,7 @@ def apply_plan(
                 removed_out.setdefault(m, set()).update(int(i) for i in ix)
     shifts: list[tuple[Any, Tensor, Tensor]] = []
     if compensate and consumers:
-        probe = (
-            probe_inputs
-            if probe_inputs is not None
-            else torch.randn((4, *example_inputs.shape[1:]), generator=torch.Generator().manual_seed(0)).to(
-                example_inputs
-            )
-        )
+        probe = probe_inputs if probe_inputs is not None else default_probe(example_inputs)
         merged: dict[Any, list[int]] = {}  # a consumer may read channels of several groups (concat)
         for m, ix in consumers:
             merged.setdefault(m, []).extend(i for i in ix if i not in merged.get(m, []))
@@ -277,12 +317,28 @@ def apply_plan(
 
 
 def export_pruned(
-    model: nn.Module, example_inputs: Tensor, *, compensate: bool = True
+    model: nn.Module, example_inputs: Tensor, *, compensate: bool = True, probe_inputs: Tensor | None = None
 ) -> tuple[nn.Module, PruningPlan]:
     """Physically remove the zero channels of ``model`` (typically ``SLBI.projected_model(net)``, i.e. W*).
-    Returns the smaller module (outputs equal to ``model``'s in eval mode) and the plan."""
+
+    Args:
+        model: the network to export (left untouched).
+        example_inputs: one input batch (any dtype: integer token ids work) to trace the layer graph.
+        compensate: add back the constant contributions of removed channels so the export is exact.
+        probe_inputs: inputs on which those constants are measured and checked to be input-independent; a
+            few real samples are best. Default: :func:`default_probe` of ``example_inputs``.
+
+    Returns:
+        The smaller module (outputs equal to ``model``'s in eval mode) and the plan.
+
+    Raises:
+        ValueError: up front, naming the layer, when ``model`` holds a layer the exact export does not support
+            (LayerNorm, GroupNorm, attention, ...; see :func:`check_exportable`).
+    """
+    if compensate:
+        check_exportable(model)
     plan = zero_channel_plan(model, example_inputs)
-    return apply_plan(model, plan, example_inputs, compensate=compensate), plan
+    return apply_plan(model, plan, example_inputs, compensate=compensate, probe_inputs=probe_inputs), plan
 
 
 def count_params(model: nn.Module) -> int:
@@ -327,9 +383,11 @@ __all__ = [
     "PruningPlan",
     "apply_plan",
     "build_graph",
+    "check_exportable",
     "count_macs",
     "count_params",
     "cpu_latency",
+    "default_probe",
     "export_pruned",
     "zero_channel_plan",
 ]

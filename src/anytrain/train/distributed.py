@@ -11,10 +11,10 @@ What must be averaged, and where (the per-rule / per-optimizer contract):
   averaging ``.grad`` after ``rule.backward`` is exact: ``mean_r ∇ Σ_k w_k L_k^r = ∇ Σ_k w_k mean_r L_k^r``.
 * Rules that combine the per-exit gradients *non-linearly* (OSGD, TorchJD aggregators): the ``K×P`` per-exit
   gradient matrix is averaged *before* it is combined (Gram–Schmidt of the average, not average of
-  Gram–Schmidts). The trainer sets ``rule.reducer`` (see :class:`anytrain.rules.GradientRule`); the rule calls
-  ``self.reduce_tensors([...])`` and sets ``self.reduces_own_grads = True`` for that step, so the trainer does not
-  average ``.grad`` a second time.
-* Rules with state computed from losses (``adaloss``) average the detached loss vector with ``self.reduce``
+  Gram–Schmidts). The trainer sets ``rule.reducer`` (see :class:`anytrain.rules.GradientRule`), which the rule
+  passes as the per-exit pipeline's ``reduce`` argument (one collective for ``G`` and the head gradients); its
+  ``reduces_own_grads`` then says so, and the trainer does not average ``.grad`` a second time.
+* Rules with state computed from losses (``adaloss``) average the detached loss vector with the same ``reduce``
   before updating their running averages, so every rank computes the same weights.
 * Optimizers whose state is a function of the gradients only (SGD, Adam, SLBI's ``z``/``Γ``) stay identical by
   themselves. Optimizers that read *activations* (the curvature optimizer's Kronecker factors) get the reducer

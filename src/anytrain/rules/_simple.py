@@ -8,28 +8,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from anytrain.rules.base import GradientRule, scalar_losses
+from anytrain.rules._base import LossWeighting, Reduce
 
 
-class Joint(GradientRule):
-    """Sum of the exit losses: ``∇ Σ_k L_k``. With ``last_only=True``, only the final exit's loss (backprop)."""
+class Joint(LossWeighting):
+    """Sum of the exit losses: ``∇ Σ_k L_k``. With ``last_only=True``, only the final exit's loss (backprop).
+
+    Example:
+        >>> w = torch.ones(3, requires_grad=True)
+        >>> from anytrain.rules import backward
+        >>> _ = backward([(w * 2).sum(), (w**2).sum()], "joint", shared=[w])
+        >>> w.grad
+        tensor([4., 4., 4.])
+    """
 
     name = "joint"
 
     def __init__(self, last_only: bool = False) -> None:
         self.last_only = bool(last_only)
 
-    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
-        vec = scalar_losses(losses)
-        total = vec[-1] if self.last_only else vec.sum()
-        total.backward()
-        return {"loss": total.detach()}
+    def total(self, losses: Tensor, reduce: Reduce | None) -> Tensor:
+        return losses[-1] if self.last_only else losses.sum()
 
     def extra_repr(self) -> str:
         return f"last_only={self.last_only}"
 
 
-class Weighted(GradientRule):
+class Weighted(LossWeighting):
     """Fixed weights: ``∇ Σ_k w_k L_k``."""
 
     name = "weighted"
@@ -45,25 +50,24 @@ class Weighted(GradientRule):
         if len(self.weights) != k:
             raise ValueError(f"rule 'weighted' has {len(self.weights)} weights but the network has {k} exits")
 
-    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
-        vec = scalar_losses(losses)
-        w = torch.tensor(self.weights, dtype=vec.dtype, device=vec.device)
-        total = (w * vec).sum()
-        total.backward()
-        return {"loss": total.detach()}
+    def total(self, losses: Tensor, reduce: Reduce | None) -> Tensor:
+        if len(self.weights) != losses.numel():
+            raise ValueError(f"rule 'weighted' has {len(self.weights)} weights for {losses.numel()} losses")
+        w = torch.tensor(self.weights, dtype=losses.dtype, device=losses.device)
+        return (w * losses).sum()
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}"
 
 
-class AdaLoss(GradientRule):
+class AdaLoss(LossWeighting):
     """Adaptive loss balancing (Hu, Dey, Hebert & Bagnell, AAAI 2019).
 
     Each exit's weight is inversely proportional to a running average of its loss,
     ``w_k ∝ 1 / (Ē_k + eps)``, with ``Ē_k ← β Ē_k + (1-β) L_k`` (bias-corrected as in Adam). This is the
     gradient of ``Σ_k log Ē_k`` and keeps every exit's relative error improving at the same rate. Weights are
     normalised to mean 1 so the step size stays comparable to ``joint``. The averages stay on the device: no
-    host synchronisation per step.
+    host synchronisation per step. The object keeps the averages across calls.
     """
 
     name = "adaloss"
@@ -82,17 +86,17 @@ class AdaLoss(GradientRule):
         inv = 1.0 / (self.avg / corr + self.eps)
         return inv * (inv.numel() / inv.sum())
 
-    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
-        vec = scalar_losses(losses)
-        d = self.reduce(vec.detach().clone())  # data-parallel: every rank averages the same (global) losses
+    def total(self, losses: Tensor, reduce: Reduce | None) -> Tensor:
+        d = losses.detach().clone()
+        if reduce is not None:
+            d = reduce(d)  # data-parallel: every rank averages the same (global) losses
         if self.avg is None:
             self.avg = torch.zeros_like(d)
+        elif self.avg.shape != d.shape:
+            raise ValueError(f"adaloss keeps averages of {self.avg.numel()} losses, got {d.numel()}")
         self.avg.mul_(self.beta).add_(d, alpha=1.0 - self.beta)
         self.steps += 1
-        w = self.weights()
-        total = (w * vec).sum()
-        total.backward()
-        return {"loss": total.detach()}
+        return (self.weights() * losses).sum()
 
     def state_dict(self) -> dict[str, Any]:
         return {"avg": None if self.avg is None else self.avg.clone(), "steps": self.steps}

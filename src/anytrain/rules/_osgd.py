@@ -31,15 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from anytrain.rules.base import GradientRule, scalar_losses
-from anytrain.rules.pergrad import (
-    GRAD_METHODS,
-    ExitPartition,
-    exit_partition,
-    per_exit_grads,
-    reduce_per_exit,
-    write_flat,
-)
+from anytrain.nets.staged import require_staged
+from anytrain.rules._base import GradientWeighting, check_losses_for
+from anytrain.rules._pergrad import GRAD_METHODS, ExitPartition
 
 MODES = ("global", "per_tensor")
 
@@ -66,14 +60,14 @@ def orthogonalize(G: Tensor, rtol: float | None = None) -> Tensor:
     Args:
         G: ``K×P`` per-exit gradients, earliest exit first (float32 or float64).
         rtol: a residual with ``‖u_k‖ ≤ rtol·‖g_k‖`` is set to exactly zero (``g_k`` lies in the span of the
-            earlier rows); default ``sqrt(eps)`` of the dtype.
+            earlier rows); default ``sqrt(eps)`` of ``G``'s dtype, at least ``10·sqrt(eps)`` of float64.
 
     Returns:
         ``U`` (``K×P``, same dtype): mutually orthogonal rows with ``span(u_1..u_k) = span(g_1..g_k)``; zero
         rows for dependent (or zero) rows, never NaN.
 
-    Classical Gram–Schmidt applied twice per row ("CGS2", as stable as modified Gram–Schmidt) so each row
-    costs two matrix–vector products with the earlier unit rows: a loop over K (small), never over P.
+    The same Gram–Schmidt the OSGD rule runs: :func:`osgd_coefficients` of the float64 Gram matrix
+    ``G Gᵀ`` gives ``C`` with ``U = C G``.
 
     Example:
         >>> G = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
@@ -85,22 +79,10 @@ def orthogonalize(G: Tensor, rtol: float | None = None) -> Tensor:
     if G.dim() != 2:
         raise ValueError(f"orthogonalize expects a K×P matrix, got shape {tuple(G.shape)}")
     _check_float(G, "G")
-    tol = default_rtol(G.dtype) if rtol is None else float(rtol)
-    K = G.shape[0]
-    U = torch.zeros_like(G)
-    Q = torch.zeros_like(G)  # unit rows (zero for dropped rows)
-    gnorm = torch.linalg.vector_norm(G, dim=1)
-    for k in range(K):
-        r = G[k]
-        if k:
-            Qk = Q[:k]
-            for _ in range(2):  # re-orthogonalize once: CGS2
-                r = r - Qk.T @ (Qk @ r)
-        nr = torch.linalg.vector_norm(r)
-        keep = nr > tol * gnorm[k]
-        U[k] = torch.where(keep, r, torch.zeros_like(r))
-        Q[k] = torch.where(keep, r / torch.where(keep, nr, torch.ones_like(nr)), torch.zeros_like(r))
-    return U
+    tol = max(default_rtol(G.dtype), 10.0 * default_rtol(torch.float64)) if rtol is None else float(rtol)
+    Gd = G.to(torch.float64)
+    C, _ = osgd_coefficients(Gd @ Gd.T, tol)
+    return (C @ Gd).to(G.dtype)
 
 
 def osgd_coefficients(gram: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
@@ -171,59 +153,6 @@ def _weights_from(C: Tensor, sq: Tensor, gram: Tensor, rescale: bool) -> Tensor:
     return (s.unsqueeze(-1) * C).sum(-2).to(gram.dtype)
 
 
-# ---- TorchJD integration ----------------------------------------------------------------------------------
-try:
-    from torchjd.aggregation import GramianWeightedAggregator as _GWA
-    from torchjd.aggregation import Weighting as _Weighting
-except ImportError:  # pragma: no cover - torchjd is a declared dependency
-    _Weighting = nn.Module  # type: ignore[assignment,misc]
-    _GWA = None  # type: ignore[assignment,misc]
-
-
-class OSGDWeighting(_Weighting):  # type: ignore[misc,valid-type]
-    """TorchJD ``Weighting``: maps the Gramian of the per-objective gradients to OSGD's weights.
-
-    Objectives are taken in their given order (first = highest priority). Usable with
-    ``torchjd.autogram.Engine`` (``losses.backward(weighting(engine.compute_gramian(losses)))``) and, wrapped
-    in :class:`OSGDAggregator`, with ``torchjd.autojac``.
-
-    Example:
-        >>> J = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-        >>> OSGDWeighting()(J @ J.T)
-        tensor([0., 1.])
-    """
-
-    def __init__(self, rescale: bool = False, rtol: float | None = None) -> None:
-        super().__init__()
-        self.rescale = bool(rescale)
-        self.rtol = rtol
-
-    def forward(self, gramian: Tensor, /) -> Tensor:
-        return osgd_weights(gramian, self.rescale, self.rtol)
-
-    def extra_repr(self) -> str:
-        return f"rescale={self.rescale}, rtol={self.rtol}"
-
-
-if _GWA is not None:
-
-    class OSGDAggregator(_GWA):  # type: ignore[misc,valid-type]
-        """TorchJD ``Aggregator`` for OSGD: ``J ↦ Σ_k u_k`` with the rows of ``J`` Gram–Schmidted in order.
-
-        Example:
-            >>> OSGDAggregator()(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))  # u_1 + u_2 = (1, 0) + (0, 1)
-            tensor([1., 1.])
-        """
-
-        def __init__(self, rescale: bool = False, rtol: float | None = None) -> None:
-            super().__init__(OSGDWeighting(rescale, rtol))
-            self.rescale = bool(rescale)
-            self.rtol = rtol
-
-        def __repr__(self) -> str:
-            return f"OSGDAggregator(rescale={self.rescale}, rtol={self.rtol})"
-
-
 # ---- the gradient rule ----------------------------------------------------------------------------------------
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; multiplies the incoming gradient by ``w`` (a 0-d tensor on the device)."""
@@ -286,7 +215,7 @@ def combine_segments(W: Tensor, G: Tensor, lengths: Tensor, support: Sequence[in
     return d
 
 
-class OSGD(GradientRule):
+class OSGD(GradientWeighting):
     """Orthogonalized SGD over exits.
 
     Algorithm (one step; exits in priority order, earliest first)::
@@ -299,8 +228,9 @@ class OSGD(GradientRule):
     Amortized (``amortize=N > 1``, global mode): at steps ``t ≡ 0 (mod N)`` the above runs and caches
     ``a = osgd_weights(G Gᵀ)``; at other steps one backward of ``Σ_k L_k`` runs with the gradient entering the
     trunk from exit ``k`` scaled by ``a_k`` (a scaling node between stage ``k``'s state and head ``k``), so the
-    trunk gets ``Σ_k a_k g_k`` and each head still gets its own exit's gradient. This needs the forward to go
-    through :meth:`forward` (the trainer does); a step whose forward did not falls back to the exact update.
+    trunk gets ``Σ_k a_k g_k`` and each head still gets its own exit's gradient. This needs a
+    :class:`~anytrain.nets.StagedNet` and the forward to go through :meth:`forward` (the trainer does); a step
+    whose forward did not raises rather than silently running another update.
 
     Args:
         mode: ``"global"`` (the whole flattened shared vector) or ``"per_tensor"`` (each parameter tensor
@@ -308,7 +238,7 @@ class OSGD(GradientRule):
         rescale: scale each ``u_k`` to ``‖g_k‖``.
         amortize: recompute the coefficients every ``amortize`` steps (global mode only); 1 = exact.
         rtol: tolerance for dropping dependent rows (see :func:`osgd_coefficients`).
-        grad_method: ``"loop"`` or ``"batched"`` per-exit gradients (see ``anytrain.rules.pergrad``).
+        grad_method: ``"loop"`` or ``"batched"`` per-exit gradients (see ``anytrain.rules._pergrad``).
 
     Example:
         >>> from anytrain.nets import StagedNet
@@ -330,6 +260,7 @@ class OSGD(GradientRule):
         rtol: float | None = None,
         grad_method: str = "loop",
     ) -> None:
+        super().__init__()
         if mode not in MODES:
             raise ValueError(f"osgd mode must be one of {MODES}, got {mode!r}")
         if int(amortize) != amortize or int(amortize) < 1:
@@ -347,60 +278,69 @@ class OSGD(GradientRule):
         self.grad_method = grad_method
         self.steps = 0
         self.weights: Tensor | None = None  # cached amortized coefficients a (K,)
-        self._part: ExitPartition | None = None
-        self._part_key: tuple[int, int] | None = None
-        self._seg: Tensor | None = None
+        self._seg: tuple[tuple[int, ...], Tensor] | None = None
         self._scaled_forward = False
+        self._exact_step = True  # whether the last backward ran the exact (per-exit) update
 
-    # ---- helpers -------------------------------------------------------------------------------------------
-    def _partition(self, net: nn.Module, K: int) -> ExitPartition:
-        key = (id(net), K)
-        if self._part is None or self._part_key != key:
-            self._part = exit_partition(net, K)
-            self._part_key = key
-            self._seg = None
-        return self._part
+    @property
+    def reduces_own_grads(self) -> bool:
+        # An amortized step is one backward of Σ a_k L_k, linear in the losses: the caller averages its .grad.
+        return self.reducer is not None and self._exact_step
 
     def _lengths(self, part: ExitPartition, device: torch.device) -> Tensor:
-        if self._seg is None or self._seg.device != device:
-            self._seg = torch.tensor(part.numels, device=device)  # cached: no host-to-device copy per step
-        return self._seg
+        key = tuple(part.numels)
+        if self._seg is None or self._seg[0] != key or self._seg[1].device != device:
+            self._seg = (key, torch.tensor(part.numels, device=device))  # cached: no host-to-device copy per step
+        return self._seg[1]
 
     def _refresh_due(self) -> bool:
         return self.amortize == 1 or self.weights is None or self.steps % self.amortize == 0
 
+    def needs_forward(self) -> str | None:
+        if self.amortize > 1:
+            return (
+                "osgd with amortize > 1 scales each exit's gradient inside its own forward: call "
+                "rule.forward(net, x) and rule.backward(net, losses) on an anytrain.nets.StagedNet"
+            )
+        return None
+
     # ---- rule interface ------------------------------------------------------------------------------------
     def bind(self, net: nn.Module) -> None:
-        self._partition(net, getattr(net, "num_exits", 1))
+        if self.amortize > 1:
+            require_staged(net, "osgd with amortize > 1")
+        super().bind(net)
 
     def forward(self, net: nn.Module, x: Tensor) -> list[Tensor]:
         self._scaled_forward = False
-        stages, exits = getattr(net, "stages", None), getattr(net, "exits", None)
-        if self._refresh_due() or stages is None or exits is None or not hasattr(net, "states"):
+        if self.amortize == 1:
+            return super().forward(net, x)
+        staged = require_staged(net, "osgd with amortize > 1")
+        if self._refresh_due():
             return super().forward(net, x)
         assert self.weights is not None
         w = self.weights
-        states = net.states(x)  # type: ignore[operator]
-        out = [head(scale_grad(s, w[k])) for k, (head, s) in enumerate(zip(exits, states))]
+        out = [head(scale_grad(s, w[k])) for k, (head, s) in enumerate(zip(staged.exits, staged.states(x)))]
         self._scaled_forward = True
         return out
 
     def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
-        vec = scalar_losses(losses)
-        K = vec.numel()
+        check_losses_for(net, losses, self)
         scaled, self._scaled_forward = self._scaled_forward, False
-        refresh = self._refresh_due() or not scaled
+        refresh = self._refresh_due()
+        if not refresh and not scaled:
+            raise ValueError(
+                f"osgd amortize={self.amortize}: step {self.steps} reuses cached weights, which needs the forward "
+                "to go through rule.forward(net, x), not net(x)"
+            )
         self.steps += 1
-        total = vec.detach().sum()
-        self.reduces_own_grads = False
+        self._exact_step = refresh
         if not refresh:
+            vec = torch.stack(list(losses))
             vec.sum().backward()  # trunk gets Σ a_k g_k through the scaling nodes; heads their own gradient
-            return {"loss": total}  # linear in the losses: the trainer averages .grad over ranks
-        part = self._partition(net, K)
-        G, head_grads = per_exit_grads(list(losses), part, self.grad_method)
-        if self.reducer is not None:  # data parallel: Gram–Schmidt of the rank-averaged G, not an average of them
-            G, head_grads = reduce_per_exit(self, G, head_grads)
-            self.reduces_own_grads = True
+            return {"loss": vec.detach().sum()}
+        return self.combine(list(losses), None, net=net, reduce=self.reducer)
+
+    def aggregate(self, G: Tensor, part: ExitPartition) -> tuple[Tensor, dict[str, Tensor]]:
         if self.mode == "global":
             gram = G @ G.T
             C, sq = osgd_coefficients(gram, self.rtol)
@@ -416,8 +356,7 @@ class OSGD(GradientRule):
             W = _weights_from(C, sq, grams, self.rescale)  # T×K
             direction = combine_segments(W, G, lengths, part.trunk_offset)
             kept = (sq > 0).to(G.dtype).mean(0).sum()  # mean over tensors of the number of kept rows
-        write_flat(part, direction, head_grads)
-        return {"loss": total, "osgd/kept": kept.to(total.dtype)}
+        return direction, {"osgd/kept": kept.to(G.dtype)}
 
     # ---- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ optimizer of ``anytrain.optim`` composes with them (DGL + curvature, DGL + SLBI)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,9 @@ from anytrain.greedy.modules import (
     module_forward,
     partition_stages,
 )
-from anytrain.nets.staged import StagedNet
-from anytrain.rules.base import GradientRule, OptimizerFactory, scalar_losses
+from anytrain.nets.staged import require_staged
+from anytrain.rules._base import GradientRule, OptimizerFactory, Reduce, check_losses_for
+from anytrain.rules._pergrad import ExitPartition
 
 
 class _Greedy(GradientRule):
@@ -31,9 +32,27 @@ class _Greedy(GradientRule):
             modules = [int(m) for m in modules]
         self.modules = modules
         self.partition: Partition | None = None
+        self._forwarded = False  # set by forward, consumed by backward: a bypassed forward is an error
+
+    def needs_forward(self) -> str | None:
+        return (
+            f"{self.name} cuts the gradient between modules inside its own forward: call rule.forward(net, x) and "
+            "rule.backward(net, losses) on an anytrain.nets.StagedNet"
+        )
+
+    def combine(
+        self,
+        losses: list[Tensor],
+        part: ExitPartition | None,
+        *,
+        net: nn.Module | None = None,
+        reduce: Reduce | None = None,
+    ) -> dict[str, Tensor]:
+        raise ValueError(f"rule {self.name!r} cannot work from losses alone: {self.needs_forward()}")
 
     def bind(self, net: nn.Module) -> None:
-        self.partition = partition_stages(getattr(net, "num_exits", 1), self.modules)
+        staged = require_staged(net, self.name)
+        self.partition = partition_stages(staged.num_exits, self.modules)
 
     def _part(self, net: nn.Module) -> Partition:
         if self.partition is None:
@@ -41,8 +60,20 @@ class _Greedy(GradientRule):
         assert self.partition is not None
         return self.partition
 
+    def _check_backward(self, net: nn.Module, losses: Sequence[Tensor]) -> Tensor:
+        """Validate ``backward(net, losses)``: a staged net, one loss per exit, after this rule's forward."""
+        check_losses_for(net, losses, self)
+        require_staged(net, self.name)
+        forwarded, self._forwarded = self._forwarded, False
+        if not forwarded:
+            raise ValueError(
+                f"{self.name}: the losses must come from rule.forward(net, x) (it detaches between modules); "
+                "net(x) would silently train end to end"
+            )
+        return torch.stack(list(losses))
+
     def make_optimizer(self, net: nn.Module, factory: OptimizerFactory) -> torch.optim.Optimizer:
-        return build_module_optimizers(cast(StagedNet, net), self._part(net), factory)
+        return build_module_optimizers(require_staged(net, self.name), self._part(net), factory)
 
     def extra_repr(self) -> str:
         return f"modules={self.modules}"
@@ -70,10 +101,12 @@ class DGL(_Greedy):
     name = "dgl"
 
     def forward(self, net: nn.Module, x: Tensor) -> list[Tensor]:
-        return decoupled_forward(cast(StagedNet, net), self._part(net), x)
+        out = decoupled_forward(require_staged(net, self.name), self._part(net), x)
+        self._forwarded = True
+        return out
 
     def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
-        vec = scalar_losses(losses)
+        vec = self._check_backward(net, losses)
         # The graph is cut at every module boundary, so this single backward gives each module the gradient
         # of its own exits' losses only.
         vec.sum().backward()
@@ -147,7 +180,7 @@ class SGL(_Greedy):
         self.active = self.module_at(int(epoch), int(epochs), len(self.partition))
 
     def forward(self, module: nn.Module, x: Tensor) -> list[Tensor]:
-        net = cast(StagedNet, module)
+        net = require_staged(module, self.name)
         part = self._part(net)
         logits: list[Tensor] = []
         state: Any = x
@@ -164,10 +197,11 @@ class SGL(_Greedy):
         if later:
             z = torch.zeros_like(lg[-1].detach())
             logits += [z] * later
+        self._forwarded = True
         return logits
 
     def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
-        vec = scalar_losses(losses)
+        vec = self._check_backward(net, losses)
         stages = self._part(net)[self.active]
         vec[stages[0] : stages[-1] + 1].sum().backward()
         return {"loss_active": vec[stages[-1]].detach()}
