@@ -4,9 +4,11 @@ Run directory layout::
 
     config.yaml      fully resolved config
     checkpoint.pt    last completed epoch (model, optimizer, scheduler, rule, RNG, history), atomic
-    best.pt          weights only, at the best mean exit accuracy on the test split (early stopping)
+    best.pt          weights only, at the best mean exit accuracy on the *validation* split (early stopping)
     metrics.json     written when the run finishes (contract: rule, optimizer, dataset, epochs, exits)
-    history.json     per-epoch metrics, rewritten each epoch
+    exit_scores.pt   per-exit top softmax probability and correctness on validation and test (final model),
+                     for budgeted evaluation (``anytrain eval DIR --budget B``)
+    history.json     per-epoch metrics (training loss, validation accuracy), rewritten each epoch
     events.*         TensorBoard scalars
     *.png            plots
 
@@ -14,6 +16,10 @@ Exactness of ``--resume``: the batch order and augmentation of epoch ``e`` are a
 ``(seed, e)``, and the checkpoint holds every other piece of state (weights, optimizer and scheduler state,
 rule state, torch RNG), so a run resumed from the end of any epoch reaches the same weights as one that
 never stopped.
+
+Protocol: everything chosen during or after training (``best.pt``, the budgeted-evaluation thresholds) is
+chosen on the validation split carved from the training set (``data.val_size``). The test split is evaluated
+once, when the run finishes, on the final model and on the selected one.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anytrain.config import builder_kwargs, dump_config
-from anytrain.data import BatchLoader, DataBundle, load_dataset
-from anytrain.eval.anytime import accuracy_per_exit, anytime_auc, confidence_exit, exit_logits
+from anytrain.data import DataBundle, StreamingData, load_dataset, train_loader
+from anytrain.eval.anytime import anytime_auc, budgeted_curve, default_budgets, exit_costs, exit_scores
 from anytrain.nets import StagedNet, build_model
 from anytrain.optim import build_optimizer
 from anytrain.registry import ConfigError
@@ -55,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBundle:
+def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> Any:
     """The ``DataBundle`` a config names (``augment`` overrides ``data.augment``)."""
     d = cfg["data"]
     return load_dataset(
@@ -65,10 +71,11 @@ def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBu
         seed=cfg["seed"],
         num_samples=d.get("num_samples"),
         augment=bool(d.get("augment", True)) if augment is None else augment,
+        val_size=d.get("val_size", "auto"),
     )
 
 
-def model_from_config(cfg: dict[str, Any], data: DataBundle) -> StagedNet:
+def model_from_config(cfg: dict[str, Any], data: DataBundle | StreamingData) -> StagedNet:
     """The staged net a config names, shaped for ``data``; a bad keyword is a one-line ``ConfigError``."""
     try:
         return build_model(
@@ -83,11 +90,14 @@ def model_from_config(cfg: dict[str, Any], data: DataBundle) -> StagedNet:
         raise ConfigError(f"model {cfg['model']['name']!r}: {e}") from None
 
 
-def build_components(cfg: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+def build_components(
+    cfg: dict[str, Any], device: torch.device | None = None, data: DataBundle | StreamingData | None = None
+) -> dict[str, Any]:
     """Everything a run needs, built from a validated config. Raises ``ConfigError`` on bad input, before
-    anything is written anywhere."""
+    anything is written anywhere. ``data`` (for example ``anytrain.data.from_datasets(...)``) replaces the
+    data set the config names; the config's other ``data`` keys (batch sizes, augment) still apply."""
     device = device or resolve_device(cfg["train"]["device"])
-    data = data_from_config(cfg)
+    data = data_from_config(cfg) if data is None else data
     torch.manual_seed(cfg["seed"])
     net = model_from_config(cfg, data)
     net.to(device)
@@ -122,15 +132,16 @@ class Trainer:
         *,
         resume: bool = False,
         components: dict[str, Any] | None = None,
+        data: DataBundle | StreamingData | None = None,
     ) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         t = cfg["train"]
         if t.get("threads"):
             torch.set_num_threads(int(t["threads"]))
-        c = components or build_components(cfg)
+        c = components or build_components(cfg, data=data)
         self.device: torch.device = c["device"]
-        self.data: DataBundle = c["data"]
+        self.data: DataBundle | StreamingData = c["data"]
         self.net: StagedNet = c["net"]
         self.rule: GradientRule = c["rule"]
         self.optimizer: torch.optim.Optimizer = c["optimizer"]
@@ -140,9 +151,8 @@ class Trainer:
         self.grad_sync = dp.prepare(self.net, self.rule, self.optimizer, self.dist) if self.dist.enabled else None
         self._params = [p for p in self.net.parameters() if p.requires_grad]
         self._grads_ok: Tensor | None = None
-        self.loader = BatchLoader(
-            self.data.x_train,
-            self.data.y_train,
+        self.loader = train_loader(
+            self.data,
             cfg["data"]["batch_size"],
             shuffle=True,
             seed=cfg["seed"],
@@ -154,7 +164,8 @@ class Trainer:
         )
         if len(self.loader) == 0:
             raise ConfigError(
-                f"data.batch_size={cfg['data']['batch_size']} exceeds the {len(self.data.y_train)} training samples"
+                f"data.batch_size={cfg['data']['batch_size']} exceeds the {self.data.split_len('train')} "
+                "training samples"
             )
         self.steps_per_epoch = len(self.loader)
         self.scheduler = build_scheduler(
@@ -232,11 +243,14 @@ class Trainer:
         return torch.stack([l.detach() for l in losses]), stats
 
     # ---- evaluation ---------------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, split: str, net: StagedNet | None = None) -> tuple[Tensor, Tensor]:
+        """Per-exit ``(conf, correct)`` of ``net`` (default: the net being trained) on ``split``."""
         bs = int(self.cfg["data"].get("eval_batch_size", 1000))
-        logits = exit_logits(self.net, self.data.x_test, bs)
-        acc = accuracy_per_exit(logits, self.data.y_test)
-        return {"acc": acc, "logits": logits}
+        return exit_scores(net or self.net, self.data.batches(split, bs))
+
+    @property
+    def has_val(self) -> bool:
+        return self.data.split_len("val") > 0
 
     # ---- loop -------------------------------------------------------------------------------------------
     def _log(self, tag: str, value: float, step: int) -> None:
@@ -329,59 +343,92 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_loss: list[float]) -> None:
         if not self.dist.is_main:  # replicas are identical; rank 0 evaluates and writes
             return
-        ev = self.evaluate()
-        acc = ev["acc"]
         rec: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": self.step,
             "train_loss": train_loss,
-            "test_acc": acc,
             "lr": self.optimizer.param_groups[0]["lr"],
             **self._extra_metrics(),
         }
+        acc: list[float] = []
+        if self.has_val:  # model selection sees the validation split only; test waits for finish()
+            acc = self.evaluate("val")[1].double().mean(1).tolist()
+            rec["val_acc"] = acc
         self.history.append(rec)
         for k, a in enumerate(acc):
-            self._log(f"test/acc_exit{k}", a, self.step)
+            self._log(f"val/acc_exit{k}", a, self.step)
         for key, v in rec.items():
             if "/" in key:
                 self._log(key, v, self.step)
-        score = sum(acc) / len(acc)
-        if score > self.best_score:
-            self.best_score = score
-            save_checkpoint(self.out / "best.pt", {"epoch": epoch, "model": self.net.state_dict(), "score": score})
+        if acc and sum(acc) / len(acc) > self.best_score:
+            self.best_score = sum(acc) / len(acc)
+            state = {"epoch": epoch, "model": self.net.state_dict(), "score": self.best_score}
+            save_checkpoint(self.out / "best.pt", state)
         every = int(self.cfg["train"].get("checkpoint_every", 1))
         if (epoch + 1) % every == 0 or epoch + 1 == self.epochs:
             save_checkpoint(self.checkpoint_path, self._payload(epoch))
         atomic_write_json(self.out / "history.json", self.history)
-        accs = " ".join(f"{a:.3f}" for a in acc)
+        accs = " ".join(f"{a:.3f}" for a in acc) if acc else "(no validation split)"
         from tqdm.auto import tqdm
 
-        tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  test acc per exit: {accs}")
+        tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  val acc per exit: {accs}")
+
+    def _selected(self) -> dict[str, Any] | None:
+        """Validation and test accuracy per exit of ``best.pt`` (the model selected on validation)."""
+        path = self.out / "best.pt"
+        if not self.has_val or not path.is_file():
+            return None
+        import copy
+
+        best = load_checkpoint(path, map_location=self.device)
+        net = copy.deepcopy(self.net)
+        net.load_state_dict(best["model"])
+        val = self.evaluate("val", net)[1].double().mean(1).tolist()
+        test = self.evaluate("test", net)[1].double().mean(1).tolist()
+        return {
+            "epoch": int(best["epoch"]) + 1,
+            "criterion": "mean validation accuracy over exits",
+            "exits": [{"index": k, "val": v, "test": t} for k, (v, t) in enumerate(zip(val, test))],
+        }
 
     def finish(self, seconds: float) -> dict[str, Any]:
         if not self.dist.is_main:
             return {}
-        ev = self.evaluate()
-        acc = ev["acc"]
-        conf = confidence_exit(ev["logits"], self.data.y_test, self.flops_stage, self.flops_head)
+        test = self.evaluate("test")
+        acc = test[1].double().mean(1).tolist()
+        val = self.evaluate("val") if self.has_val else None
+        val_acc = val[1].double().mean(1).tolist() if val is not None else [None] * len(acc)
+        costs = exit_costs(self.flops_stage, self.flops_head)
         o = self.cfg["optimizer"]
         metrics: dict[str, Any] = {
             "rule": self.cfg["rule"]["name"],
             "optimizer": o["name"],
-            "dataset": self.cfg["data"]["name"],
+            "dataset": self.data.name,
             "model": self.cfg["model"]["name"],
             "epochs": self.epochs,
             "seed": self.cfg["seed"],
             "steps": self.step,
-            "exits": [{"index": k, "accuracy": a, "flops": int(f)} for k, (a, f) in enumerate(zip(acc, self.flops))],
+            "split_sizes": {s: self.data.split_len(s) for s in ("train", "val", "test")},
+            # accuracy (contract) and test: the final model on the test split; val: the same on validation
+            "exits": [
+                {"index": k, "accuracy": a, "flops": int(f), "val": v, "test": a}
+                for k, (a, v, f) in enumerate(zip(acc, val_acc, self.flops))
+            ],
             "auc": anytime_auc(self.flops, acc),
             "mean_exit_accuracy": sum(acc) / len(acc),
+            "selected": self._selected(),
             "stage_flops": self.flops_stage,
             "head_flops": self.flops_head,
-            "confidence_exit": [vars(p) for p in conf],
+            "early_exit_flops": costs,
+            # thresholds fitted on validation for each average budget, then applied once to test
+            "budgeted": budgeted_curve(val, test, costs, default_budgets(costs)) if val is not None else [],
             "train_seconds_this_session": seconds,
             **self._extra_metrics(),
         }
+        scores = {"test_conf": test[0], "test_correct": test[1], "costs": torch.tensor(costs)}
+        if val is not None:
+            scores.update(val_conf=val[0], val_correct=val[1])
+        save_checkpoint(self.out / "exit_scores.pt", scores)
         atomic_write_json(self.out / "metrics.json", metrics)
         if self.cfg["train"].get("plots", True):
             from anytrain.eval.plots import plot_run
