@@ -82,7 +82,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.files[i]
         a = _load(path, self.mode, self.size)
-        x = torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0)
+        x = torch.from_numpy(np.array(a, dtype=np.float32)).div_(255.0)
         x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
         if self.shape is not None and tuple(x.shape) != self.shape:
             raise ConfigError(f"imagefolder: {path} is {tuple(x.shape)}, not {self.shape}; set data.size to resize")
