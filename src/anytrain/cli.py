@@ -230,9 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="budgeted classification: confidence thresholds fitted on validation for this average MACs/sample; "
         "prints test accuracy and realised mean MACs",
     )
-    e.add_argument(
-        "--deadline", type=float, help="anytime deadline: the deepest exit within this many MACs per sample"
-    )
+    e.add_argument("--deadline", type=float, help="anytime deadline: the deepest exit within this many MACs per sample")
     e.set_defaults(fn=cmd_eval)
     pl = sub.add_parser("plot", help="write a run's figures (PNG) into its directory")
     pl.add_argument("run")

@@ -160,9 +160,12 @@ def test_synthetic_shapes_determinism_and_learnable(shape: tuple[int, ...]) -> N
     b = load_dataset("synthetic", val_size=0, shape=shape, num_classes=5, n_train=400, n_test=200, seed=3)
     check_bundle(b, shape, 5, 400, 200)
     assert_standardised(b.x_train)
-    assert same_bundle(b, load_dataset("synthetic", val_size=0, shape=shape, num_classes=5, n_train=400, n_test=200, seed=3))
+    assert same_bundle(
+        b, load_dataset("synthetic", val_size=0, shape=shape, num_classes=5, n_train=400, n_test=200, seed=3)
+    )
     assert not torch.equal(
-        b.x_train, load_dataset("synthetic", val_size=0, shape=shape, num_classes=5, n_train=400, n_test=200, seed=4).x_train
+        b.x_train,
+        load_dataset("synthetic", val_size=0, shape=shape, num_classes=5, n_train=400, n_test=200, seed=4).x_train,
     )
     # Learnable: a nearest class-mean classifier fitted on train is far above chance (0.2) on test.
     means = torch.stack([b.x_train[b.y_train == c].mean(0) for c in range(5)]).flatten(1)

@@ -64,7 +64,9 @@ def test_stream_loader_equals_batch_loader_per_rank(workers, drop_last):
             # a pure function of (seed, epoch): iterating again gives the same batches
             assert all(torch.equal(p[0], q[0]) for p, q in zip(batches(st, 1), batches(st, 1)))
         if drop_last:  # shards are disjoint: each sample index is visited by at most one rank
-            idx = [StreamLoader(Images(x, y), 8, seed=4, drop_last=True, rank=r, world_size=world) for r in range(world)]
+            idx = [
+                StreamLoader(Images(x, y), 8, seed=4, drop_last=True, rank=r, world_size=world) for r in range(world)
+            ]
             for loader in idx:
                 loader.set_epoch(1)
             flat = torch.cat([loader.epoch_indices() for loader in idx])

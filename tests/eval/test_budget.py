@@ -102,7 +102,9 @@ def test_three_exits_fit_is_best_of_family_and_bounded_by_brute_force():
         assert fit.val.accuracy == pytest.approx(max(family))
         # and never better than the exhaustive optimum over all threshold pairs
         opt = max(
-            a for a, c in (simulate(conf, correct, list(t), costs) for t in itertools.product(*cands)) if c <= budget + 1e-9
+            a
+            for a, c in (simulate(conf, correct, list(t), costs) for t in itertools.product(*cands))
+            if c <= budget + 1e-9
         )
         assert fit.val.accuracy <= opt + 1e-12
 

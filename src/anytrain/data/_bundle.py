@@ -99,7 +99,7 @@ class DataBundle:
         )
 
 
-DATASETS: Registry[Callable[..., DataBundle]] = Registry("data set")
+DATASETS: Registry[Callable[..., Any]] = Registry("data set")  # builders return DataBundle or StreamingData
 
 
 def load_dataset(

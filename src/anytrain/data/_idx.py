@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 
-_SETS = {
+_SETS: dict[str, dict[str, Any]] = {
     "fashion-mnist": {
         "default_dir": "/usr/share/datasets/fashion-mnist",
         "get": "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or the files of "

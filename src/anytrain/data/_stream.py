@@ -85,9 +85,7 @@ class StreamingData:
         labels = dataset_labels(self.train)
         tr, va = validation_indices(labels, n, k, seed)
         info = {**self.info, "val_split": "random" if labels is None else "stratified"}
-        return replace(
-            self, train=Subset(self.train, tr.tolist()), val=Subset(self.train, va.tolist()), info=info
-        )
+        return replace(self, train=Subset(self.train, tr.tolist()), val=Subset(self.train, va.tolist()), info=info)
 
     def __repr__(self) -> str:
         return (

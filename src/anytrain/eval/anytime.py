@@ -228,7 +228,9 @@ def budgeted_curve(
     for b in budgets:
         fit = fit_budget(*val, costs, b)
         t = evaluate_thresholds(*test, fit.thresholds, costs)
-        out.append({"budget": fit.budget, "thresholds": fit.thresholds, "p": fit.p, "val": vars(fit.val), "test": vars(t)})
+        out.append(
+            {"budget": fit.budget, "thresholds": fit.thresholds, "p": fit.p, "val": vars(fit.val), "test": vars(t)}
+        )
     return out
 
 
