@@ -23,8 +23,9 @@ def test_version_is_consistent(capsys):
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"anytrain {version}"
     changelog = (ROOT / "CHANGELOG.md").read_text()
-    first = re.search(r"^## \[([^\]]+)\]", changelog, re.M)
-    assert first is not None and first.group(1) == version, "CHANGELOG.md must start with the current version"
+    heads = re.findall(r"^## \[([^\]]+)\]", changelog, re.M)
+    first = heads[1] if heads and heads[0] == "Unreleased" else (heads[0] if heads else None)
+    assert first == version, "CHANGELOG.md must start with the current version (below an Unreleased section)"
 
 
 def test_readme_python_examples_run():

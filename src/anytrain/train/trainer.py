@@ -243,10 +243,10 @@ class Trainer:
         return torch.stack([l.detach() for l in losses]), stats
 
     # ---- evaluation ---------------------------------------------------------------------------------------
-    def evaluate(self, split: str, net: StagedNet | None = None) -> tuple[Tensor, Tensor]:
-        """Per-exit ``(conf, correct)`` of ``net`` (default: the net being trained) on ``split``."""
+    def evaluate(self, split: str) -> tuple[Tensor, Tensor]:
+        """Per-exit ``(conf, correct)`` of the net on ``split``."""
         bs = int(self.cfg["data"].get("eval_batch_size", 1000))
-        return exit_scores(net or self.net, self.data.batches(split, bs))
+        return exit_scores(self.net, self.data.batches(split, bs))
 
     @property
     def has_val(self) -> bool:
@@ -378,13 +378,15 @@ class Trainer:
         path = self.out / "best.pt"
         if not self.has_val or not path.is_file():
             return None
-        import copy
-
         best = load_checkpoint(path, map_location=self.device)
-        net = copy.deepcopy(self.net)
-        net.load_state_dict(best["model"])
-        val = self.evaluate("val", net)[1].double().mean(1).tolist()
-        test = self.evaluate("test", net)[1].double().mean(1).tolist()
+        # Swap the weights in and back rather than copying the net: optimizers may hold hooks on its modules.
+        final = {k: v.clone() for k, v in self.net.state_dict().items()}
+        self.net.load_state_dict(best["model"])
+        try:
+            val = self.evaluate("val")[1].double().mean(1).tolist()
+            test = self.evaluate("test")[1].double().mean(1).tolist()
+        finally:
+            self.net.load_state_dict(final)
         return {
             "epoch": int(best["epoch"]) + 1,
             "criterion": "mean validation accuracy over exits",
