@@ -31,6 +31,7 @@ from anytrain.sparsity import (
     magnitude_plan,
     make_ticket,
     random_plan,
+    stopping_point,
     zero_channel_plan,
 )
 
@@ -113,7 +114,8 @@ def run_seed(seed: int, args, data) -> dict:
                 "step": step,
                 "support": m["support/all"],
                 "w_acc": accuracy(net, data.x_test, data.y_test),
-                "wstar_acc": accuracy(star, data.x_test, data.y_test),
+                "wstar_acc": accuracy(star, data.x_test, data.y_test),  # reported only
+                "wstar_val_acc": accuracy(star, data.x_val, data.y_val),  # the stopping point looks at this
                 "removed": plan.fraction(),
             }
         )
@@ -121,10 +123,8 @@ def run_seed(seed: int, args, data) -> dict:
 
     res["slbi_acc"] = train(net, opt, data, args.epochs, seed, on_epoch=record, every=args.record_every)
     res["path"] = path
-    # early stopping: the largest support (latest point of the monotone path) that still removes >= target
-    # of the prunable channels; ties broken by W* accuracy
-    ok = [p for p in path if p["removed"] >= args.target] or path[:1]
-    stop = min(ok, key=lambda p: (p["removed"], -p["wstar_acc"]))
+    # early stopping on validation (anytrain.sparsity.stopping_point)
+    stop = stopping_point(path, args.target)
     res["stop"] = stop
     star = snaps[stop["step"]]
     small, plan = export_pruned(star, x1)

@@ -32,8 +32,17 @@ def test_train_eval_plot_list(tmp_path, capsys):
     assert main(["eval", str(out)]) == 0
     assert "area under" in capsys.readouterr().out
     f = [e["flops"] for e in m["exits"]]
-    assert main(["eval", str(out), "--budget", str(f[1] + 1)]) == 0
+    assert main(["eval", str(out), "--deadline", str(f[1] + 1)]) == 0
     assert f"exit 1 ({f[1]:,d} MACs)" in capsys.readouterr().out
+    assert main(["eval", str(out), "--deadline", "1"]) == 2
+    assert "below the first exit" in capsys.readouterr().err
+    # budgeted: thresholds fitted on validation, the realised validation mean within the budget
+    budget = m["early_exit_flops"][0] * 0.5 + m["early_exit_flops"][-1] * 0.5
+    assert main(["eval", str(out), "--budget", str(budget)]) == 0
+    text = capsys.readouterr().out
+    assert "fitted on validation" in text and "test:" in text
+    val_mean = float(text.split("validation: accuracy")[1].split("mean")[1].split("MACs")[0].replace(",", ""))
+    assert val_mean <= budget + 1
     assert main(["eval", str(out), "--budget", "1"]) == 2
     assert "below the first exit" in capsys.readouterr().err
     assert main(["plot", str(out)]) == 0

@@ -24,16 +24,23 @@ def _table(metrics: dict[str, Any]) -> str:
     lines = [
         f"{metrics.get('model', '?')} · rule {metrics['rule']} · optimizer {metrics['optimizer']} · "
         f"{metrics['dataset']} · {metrics['epochs']} epochs",
-        f"{'exit':>4}  {'accuracy':>8}  {'MACs/sample':>12}",
+        f"{'exit':>4}  {'accuracy':>8}  {'MACs/sample':>12}  {'val acc':>8}",
     ]
     for e in metrics["exits"]:
-        lines.append(f"{e['index']:>4}  {e['accuracy']:>8.4f}  {e['flops']:>12,d}")
+        val = f"{e['val']:>8.4f}" if e.get("val") is not None else f"{'-':>8}"
+        lines.append(f"{e['index']:>4}  {e['accuracy']:>8.4f}  {e['flops']:>12,d}  {val}")
+    lines.append("(accuracy: test split, final model; val acc: validation split carved from the training set)")
     if "auc" in metrics:
         lines.append(f"area under accuracy-vs-FLOPs: {metrics['auc']:.4f}")
-    if metrics.get("confidence_exit"):
-        lines.append("confidence early exit:  tau  accuracy  mean MACs")
-        for p in metrics["confidence_exit"]:
-            lines.append(f"  {p['threshold']:>24.2f}  {p['accuracy']:>8.4f}  {p['mean_flops']:>10,.0f}")
+    sel = metrics.get("selected")
+    if sel:
+        accs = " ".join(f"{e['test']:.4f}" for e in sel["exits"])
+        lines.append(f"selected on validation (best.pt, epoch {sel['epoch']}): test accuracy per exit {accs}")
+    if metrics.get("budgeted"):
+        lines.append("budgeted (thresholds fitted on validation):  budget  test accuracy  test mean MACs")
+        for p in metrics["budgeted"]:
+            t = p["test"]
+            lines.append(f"{p['budget']:>51,.0f}  {t['accuracy']:>13.4f}  {t['mean_flops']:>14,.0f}")
     return "\n".join(lines)
 
 
@@ -141,7 +148,7 @@ def _read_metrics(run: str) -> dict[str, Any]:
 
 
 def _read_history(p: Path) -> None:
-    """Check that history.json is a list of per-epoch records (epoch, train_loss and test_acc per exit)."""
+    """Check that history.json is a list of per-epoch records (epoch, train_loss and, if any, val_acc per exit)."""
     try:
         h = json.loads(p.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -151,12 +158,13 @@ def _read_history(p: Path) -> None:
         and isinstance(r.get("epoch"), int)
         and all(
             isinstance(r.get(k), list) and all(isinstance(v, (int, float)) for v in r[k])
-            for k in ("train_loss", "test_acc")
+            for k in ("train_loss", "val_acc")
+            if k == "train_loss" or k in r
         )
         for r in h
     )
     if not ok:
-        raise ConfigError(f"{p} is malformed: expected a list of records with epoch, train_loss and test_acc")
+        raise ConfigError(f"{p} is malformed: expected a list of records with epoch, train_loss and val_acc")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -165,19 +173,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(_table(metrics))
     except (KeyError, TypeError, ValueError) as e:
         return _fail(f"{Path(args.run) / 'metrics.json'} is malformed: {type(e).__name__}: {_first_line(e)}")
-    if args.budget is not None:
+    if args.deadline is not None:
         from anytrain.eval.anytime import deadline_exit
 
-        if not math.isfinite(args.budget):
-            return _fail(f"--budget must be a finite number of MACs, got {args.budget}")
+        if not math.isfinite(args.deadline):
+            return _fail(f"--deadline must be a finite number of MACs, got {args.deadline}")
         flops = [e["flops"] for e in metrics["exits"]]
         try:
-            k = deadline_exit(flops, args.budget)
+            k = deadline_exit(flops, args.deadline)
         except ValueError as e:
             return _fail(str(e))
         ex = metrics["exits"][k]
-        budget = f"{args.budget:,.0f}"
+        budget = f"{args.deadline:,.0f}"
         print(f"deadline {budget} MACs/sample: exit {k} ({ex['flops']:,d} MACs), accuracy {ex['accuracy']:.4f}")
+    if args.budget is not None:
+        return _budgeted(Path(args.run), args.budget)
+    return 0
+
+
+def _budgeted(run: Path, budget: float) -> int:
+    """Fit early-exit thresholds on the run's validation scores for an average budget; report them on test."""
+    from anytrain.eval.anytime import evaluate_thresholds, fit_budget
+    from anytrain.train.checkpoint import CheckpointError, load_checkpoint
+
+    if not math.isfinite(budget) or budget <= 0:
+        return _fail(f"--budget must be a positive, finite number of MACs, got {budget}")
+    try:
+        s = load_checkpoint(run / "exit_scores.pt")
+    except CheckpointError as e:
+        return _fail(f"{e} (budgeted evaluation needs the exit_scores.pt a finished run writes)")
+    if "val_conf" not in s:
+        return _fail(f"{run} has no validation split (data.val_size: 0): thresholds cannot be fitted")
+    costs = s["costs"].tolist()
+    try:
+        fit = fit_budget(s["val_conf"], s["val_correct"], costs, budget)
+    except ValueError as e:
+        return _fail(str(e))
+    t = evaluate_thresholds(s["test_conf"], s["test_correct"], fit.thresholds, costs)
+    taus = ", ".join("never" if x > 1 else f"{x:.4f}" for x in fit.thresholds)
+    print(f"budget {budget:,.0f} MACs/sample on average: thresholds [{taus}] fitted on validation")
+    print(f"  validation: accuracy {fit.val.accuracy:.4f}, mean {fit.val.mean_flops:,.0f} MACs")
+    print(f"  test:       accuracy {t.accuracy:.4f}, mean {t.mean_flops:,.0f} MACs, exits {t.exit_histogram}")
     return 0
 
 
@@ -257,7 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="print the per-exit table of a finished run")
     e.add_argument("run")
-    e.add_argument("--budget", type=float, help="deadline inference: the deepest exit within this many MACs/sample")
+    e.add_argument(
+        "--budget",
+        type=float,
+        help="budgeted classification: confidence thresholds fitted on validation for this average MACs/sample; "
+        "prints test accuracy and realised mean MACs",
+    )
+    e.add_argument("--deadline", type=float, help="anytime deadline: the deepest exit within this many MACs per sample")
     e.set_defaults(fn=cmd_eval)
     pl = sub.add_parser("plot", help="write a run's figures (PNG) into its directory")
     pl.add_argument("run")

@@ -4,7 +4,8 @@ A config is a nested dict with these sections (anything under ``model``, ``rule`
 ``schedule`` other than ``name`` is passed as a keyword argument to the builder)::
 
     seed: 0
-    data:      {name: mnist1d, data_dir: null, num_samples: null, batch_size: 128, augment: true, options: {}}
+    data:      {name: mnist1d, data_dir: null, num_samples: null, batch_size: 128, augment: true, val_size: auto,
+                options: {}}
     model:     {name: cnn1d-exits, ...builder kwargs}
     rule:      {name: joint, ...rule kwargs}
     optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 5.0e-4, ...}
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 128,
         "eval_batch_size": 1000,
         "augment": True,
+        "val_size": "auto",  # validation carved from the training set: auto (min(10 %, 5000)), count, fraction
         "options": {},  # data-set-specific keyword arguments (e.g. label_mode: coarse for cifar100)
     },
     "model": {"name": "nested-width"},  # 4 stages, width 8 doubling per stage (the builder's defaults)

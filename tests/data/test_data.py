@@ -65,7 +65,7 @@ def test_registry_names_and_unknown() -> None:
 
 def test_mnist1d_default_split_matches_reference_generator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ANYTRAIN_CACHE", str(tmp_path))
-    b = load_dataset("mnist1d")
+    b = load_dataset("mnist1d", val_size=0)
     check_bundle(b, (1, 40), 10, 4000, 1000)
     assert b.augment is None
     assert_standardised(b.x_train)
@@ -87,7 +87,7 @@ def test_mnist1d_default_split_matches_reference_generator(monkeypatch: pytest.M
 def test_mnist1d_num_samples_seed_and_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ANYTRAIN_CACHE", str(tmp_path))
     assert cache_dir() == tmp_path
-    b = load_dataset("mnist1d", num_samples=300, seed=1)
+    b = load_dataset("mnist1d", val_size=0, num_samples=300, seed=1)
     check_bundle(b, (1, 40), 10, 240, 60)
     files = list(tmp_path.glob("mnist1d-*.npz"))
     assert len(files) == 1
@@ -98,19 +98,19 @@ def test_mnist1d_num_samples_seed_and_cache(monkeypatch: pytest.MonkeyPatch, tmp
         raise AssertionError("regenerated although cached")
 
     monkeypatch.setattr(m1d, "generate_mnist1d", boom)
-    assert same_bundle(load_dataset("mnist1d", num_samples=300, seed=1), b)
+    assert same_bundle(load_dataset("mnist1d", val_size=0, num_samples=300, seed=1), b)
     monkeypatch.undo()
     monkeypatch.setenv("ANYTRAIN_CACHE", str(tmp_path))
 
     # Corrupt cache files (garbage, truncated zip) are regenerated, not fatal, and the result is the same.
     for garbage in (b"not a zip file", files[0].read_bytes()[:100]):
         files[0].write_bytes(garbage)
-        assert same_bundle(load_dataset("mnist1d", num_samples=300, seed=1), b)
+        assert same_bundle(load_dataset("mnist1d", val_size=0, num_samples=300, seed=1), b)
 
     # Other seeds give other data; same seed the same (also without cache).
-    c = load_dataset("mnist1d", num_samples=300, seed=2)
+    c = load_dataset("mnist1d", val_size=0, num_samples=300, seed=2)
     assert not torch.equal(c.x_train, b.x_train)
-    assert same_bundle(load_dataset("mnist1d", num_samples=300, seed=1, cache=False), b)
+    assert same_bundle(load_dataset("mnist1d", val_size=0, num_samples=300, seed=1, cache=False), b)
 
 
 def test_mnist1d_leaves_global_rng_untouched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_mnist1d_leaves_global_rng_untouched(monkeypatch: pytest.MonkeyPatch, tm
     expect_np, expect_py = legacy.random_sample(3), [random.random() for _ in range(3)]
     legacy.seed(123)
     random.seed(123)
-    load_dataset("mnist1d", num_samples=100, cache=False)
+    load_dataset("mnist1d", val_size=0, num_samples=100, cache=False)
     np.testing.assert_array_equal(legacy.random_sample(3), expect_np)
     assert [random.random() for _ in range(3)] == expect_py
 
@@ -134,7 +134,7 @@ def test_mnist1d_leaves_global_rng_untouched(monkeypatch: pytest.MonkeyPatch, tm
 def test_digits_split_is_stratified_deterministic_and_complete() -> None:
     from sklearn.datasets import load_digits
 
-    b = load_dataset("digits", seed=0)
+    b = load_dataset("digits", val_size=0, seed=0)
     check_bundle(b, (1, 8, 8), 10, 1438, 359)
     assert_standardised(b.x_train)
     # The split partitions the 1797 raw images: un-normalise and match against the originals as a multiset.
@@ -146,9 +146,9 @@ def test_digits_split_is_stratified_deterministic_and_complete() -> None:
     # Stratified: each class has round(0.2 n_c) test samples.
     counts = np.bincount(d.target, minlength=10)
     np.testing.assert_array_equal(np.bincount(b.y_test.numpy(), minlength=10), np.round(0.2 * counts))
-    assert same_bundle(load_dataset("digits", seed=0), b)
-    assert not torch.equal(load_dataset("digits", seed=1).y_test, b.y_test)
-    assert load_dataset("digits", num_samples=100).x_train.shape[0] == 100
+    assert same_bundle(load_dataset("digits", val_size=0, seed=0), b)
+    assert not torch.equal(load_dataset("digits", val_size=0, seed=1).y_test, b.y_test)
+    assert load_dataset("digits", val_size=0, num_samples=100).x_train.shape[0] == 100
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,18 +157,21 @@ def test_digits_split_is_stratified_deterministic_and_complete() -> None:
 
 @pytest.mark.parametrize("shape", [(1, 16), (3, 8, 8)])
 def test_synthetic_shapes_determinism_and_learnable(shape: tuple[int, ...]) -> None:
-    b = load_dataset("synthetic", shape=shape, num_classes=5, n_train=400, n_test=200, seed=3)
+    b = load_dataset("synthetic", val_size=0, shape=shape, num_classes=5, n_train=400, n_test=200, seed=3)
     check_bundle(b, shape, 5, 400, 200)
     assert_standardised(b.x_train)
-    assert same_bundle(b, load_dataset("synthetic", shape=shape, num_classes=5, n_train=400, n_test=200, seed=3))
+    assert same_bundle(
+        b, load_dataset("synthetic", val_size=0, shape=shape, num_classes=5, n_train=400, n_test=200, seed=3)
+    )
     assert not torch.equal(
-        b.x_train, load_dataset("synthetic", shape=shape, num_classes=5, n_train=400, n_test=200, seed=4).x_train
+        b.x_train,
+        load_dataset("synthetic", val_size=0, shape=shape, num_classes=5, n_train=400, n_test=200, seed=4).x_train,
     )
     # Learnable: a nearest class-mean classifier fitted on train is far above chance (0.2) on test.
     means = torch.stack([b.x_train[b.y_train == c].mean(0) for c in range(5)]).flatten(1)
     pred = torch.cdist(b.x_test.flatten(1), means).argmin(1)
     assert (pred == b.y_test).float().mean() > 0.8
-    assert load_dataset("synthetic", num_samples=50).x_train.shape[0] == 40
+    assert load_dataset("synthetic", val_size=0, num_samples=50).x_train.shape[0] == 40
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def test_cifar_reader_on_fake_directory(tmp_path: Path, kind: str) -> None:
     n_tr, n_te = len(raw["y"]), len(raw["y_test"])
     folder = tmp_path / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
     for where in (tmp_path, folder):  # parent or the folder itself
-        b = load_dataset(kind, data_dir=str(where))
+        b = load_dataset(kind, data_dir=str(where), val_size=0)
         check_bundle(b, (3, 32, 32), 10 if kind == "cifar10" else 100, n_tr, n_te)
         # Pixel (c, h, w) of image i is byte c*1024 + h*32 + w of row i, scaled to [0,1] and standardised.
         i, c, h, w = 3, 2, 5, 17
@@ -239,7 +242,7 @@ def test_cifar_reader_on_fake_directory(tmp_path: Path, kind: str) -> None:
     sub = load_dataset(kind, data_dir=str(tmp_path), num_samples=5, seed=1)
     assert sub.x_train.shape[0] == 5
     if kind == "cifar100":
-        co = load_dataset(kind, data_dir=str(tmp_path), label_mode="coarse")
+        co = load_dataset(kind, data_dir=str(tmp_path), label_mode="coarse", val_size=0)
         assert co.num_classes == 20
         np.testing.assert_array_equal(co.y_train.numpy(), raw["y"] // 5)
         with pytest.raises(ConfigError, match="label_mode"):
@@ -356,7 +359,7 @@ def test_random_crop_flip_windows_and_per_sample_randomness() -> None:
 
 def test_cifar_augment_pads_with_black(tmp_path: Path) -> None:
     make_fake_cifar(tmp_path, "cifar10", per_file=2)
-    b = load_dataset("cifar10", data_dir=str(tmp_path))
+    b = load_dataset("cifar10", val_size=0, data_dir=str(tmp_path))
     # Offsets (0, 0): the top-left 4x4 corner is padding, which must un-normalise to 0 (black).
     z = torch.zeros(2, dtype=torch.long)
     out = crop_flip(b.x_train[:2], z, z, torch.zeros(2, dtype=torch.bool), 4, b.augment.fill)
@@ -490,7 +493,7 @@ def test_imagefolder_layouts_values_and_errors(tmp_path: Path) -> None:
     # Layout 1: train/ and test/ with class folders.
     tr = _write_images(tmp_path / "a" / "train", {"cat": 3, "dog": 2}, (6, 5), 0)
     _write_images(tmp_path / "a" / "test", {"cat": 1, "dog": 1}, (6, 5), 1)
-    b = load_dataset("imagefolder", data_dir=str(tmp_path / "a"))
+    b = load_dataset("imagefolder", val_size=0, data_dir=str(tmp_path / "a"))
     check_bundle(b, (3, 6, 5), 2, 5, 2)
     assert b.classes == ["cat", "dog"] and b.y_train.tolist() == [0, 0, 0, 1, 1]
     assert_standardised(b.x_train)
@@ -499,15 +502,15 @@ def test_imagefolder_layouts_values_and_errors(tmp_path: Path) -> None:
     torch.testing.assert_close(raw, want, atol=1e-5, rtol=0)
     assert isinstance(b.augment, RandomCropFlip)
     # Resizing and grayscale.
-    g = load_dataset("imagefolder", data_dir=str(tmp_path / "a"), size=4, grayscale=True, augment=False)
+    g = load_dataset("imagefolder", val_size=0, data_dir=str(tmp_path / "a"), size=4, grayscale=True, augment=False)
     check_bundle(g, (1, 4, 4), 2, 5, 2)
     assert g.augment is None
     # Layout 2: class folders only -> seeded stratified split.
     _write_images(tmp_path / "b", {"x": 5, "y": 5, "z": 5}, (4, 4), 2)
-    s = load_dataset("imagefolder", data_dir=str(tmp_path / "b"), seed=1)
+    s = load_dataset("imagefolder", val_size=0, data_dir=str(tmp_path / "b"), seed=1)
     check_bundle(s, (3, 4, 4), 3, 12, 3)
     assert sorted(s.y_test.tolist()) == [0, 1, 2]
-    assert same_bundle(s, load_dataset("imagefolder", data_dir=str(tmp_path / "b"), seed=1))
+    assert same_bundle(s, load_dataset("imagefolder", val_size=0, data_dir=str(tmp_path / "b"), seed=1))
     # Errors: no dir, missing dir, mixed sizes, unreadable image.
     with pytest.raises(ConfigError, match="needs data.data_dir"):
         load_dataset("imagefolder")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anytrain.eval import accuracy_per_exit, anytime_auc, confidence_exit, deadline_exit
+from anytrain.eval import accuracy_per_exit, anytime_auc, deadline_exit, evaluate_thresholds, exit_costs
 
 
 def test_auc_step_function_by_hand():
@@ -24,12 +24,15 @@ def test_deadline_exit_picks_deepest_that_fits():
         deadline_exit(f, 5)
 
 
-def test_confidence_exit_by_hand():
+def test_early_exit_by_hand():
     # 2 exits, 3 samples, 2 classes
     logits = torch.tensor([[[3.0, 0.0], [0.0, 0.1], [0.0, 4.0]], [[0.0, 3.0], [0.0, 5.0], [5.0, 0.0]]])
     y = torch.tensor([0, 1, 0])
     assert accuracy_per_exit(logits, y) == pytest.approx([2 / 3, 2 / 3])  # exit 0 predicts 0,1,1
-    (pt,) = confidence_exit(logits, y, stage_flops=[10, 20], head_flops=[1, 2], thresholds=[0.9])
+    conf, pred = logits.softmax(-1).max(-1)
+    costs = exit_costs(stage_flops=[10, 20], head_flops=[1, 2])
+    assert costs == [11, 33]
+    pt = evaluate_thresholds(conf, pred == y, [0.9], costs)
     # sample 0: exit 0 conf .95 → correct; sample 1: exit 0 conf .52 → exit 1 correct; sample 2: exit 0 conf .98 wrong
     assert pt.exit_histogram == [2, 1]
     assert pt.accuracy == pytest.approx(2 / 3)

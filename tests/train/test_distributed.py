@@ -359,3 +359,24 @@ def test_cli_under_torchrun(tmp_path):
     assert bad.returncode != 0 and "unknown rule 'nope'" in bad.stderr
     assert not (tmp_path / "bad").exists()
     assert sys.executable  # the same interpreter runs torchrun's children
+
+
+# ---- the streaming path shards like the in-memory one ------------------------------------------------------------
+@pytest.mark.slow
+def test_streaming_imagefolder_two_ranks_equal_one_rank(tmp_path):
+    """imagefolder above its memory limit is read from disk by DataLoader workers (StreamLoader); 2 ranks ×
+    batch B still reach the weights of 1 rank × 2B."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "img"
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(40):
+            a = np.clip(rng.normal(60 + 60 * c, 40, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(a, mode="L").save(root / f"c{c}" / f"{i}.png")
+    ov = ["train.epochs=2", "rule.name=joint", "data.name=imagefolder", f"data.data_dir={root}"]
+    ov += ["data.options.grayscale=true", "data.options.memory_limit_mb=0.0001", "data.options.num_workers=1"]
+    ov += ["model.name=cnn2d-exits"]
+    _check([("stream", ov, 1e-4)], tmp_path)

@@ -1,4 +1,5 @@
-"""Figures of a run directory: accuracy vs FLOPs per exit, training curves, and any per-epoch optimizer/rule
+"""Figures of a run directory: test accuracy vs average multiply-adds (each exit, and budgeted early exit with
+thresholds fitted on validation), training curves (loss; validation accuracy), and any per-epoch optimizer/rule
 series (for example DessiLBI's regularization path). Uses matplotlib's non-interactive Agg backend."""
 
 from __future__ import annotations
@@ -44,18 +45,18 @@ def plot_run(run_dir: str | Path, metrics: dict | None = None) -> list[Path]:
         flops = [e["flops"] for e in m["exits"]]
         acc = [e["accuracy"] for e in m["exits"]]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(flops, acc, "o-", label="exits")
+        ax.plot(flops, acc, "o-", label="anytime (each exit)")
         for e in m["exits"]:
             ax.annotate(str(e["index"]), (e["flops"], e["accuracy"]), textcoords="offset points", xytext=(4, -10))
-        if m.get("confidence_exit"):
+        if m.get("budgeted"):
             ax.plot(
-                [p["mean_flops"] for p in m["confidence_exit"]],
-                [p["accuracy"] for p in m["confidence_exit"]],
+                [p["test"]["mean_flops"] for p in m["budgeted"]],
+                [p["test"]["accuracy"] for p in m["budgeted"]],
                 "s--",
                 alpha=0.7,
-                label="confidence early exit",
+                label="budgeted (thresholds fitted on validation)",
             )
-        ax.set_xlabel("multiply-adds per sample")
+        ax.set_xlabel("average multiply-adds per sample")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{m['model']} · {m['rule']} · {m['optimizer']} (AUC {m.get('auc', 0):.3f})", fontsize=9)
         ax.grid(alpha=0.3)
@@ -67,16 +68,17 @@ def plot_run(run_dir: str | Path, metrics: dict | None = None) -> list[Path]:
         assert isinstance(h, list)
         if h:
             ep = [r["epoch"] for r in h]
-            K = len(h[0]["test_acc"])
+            K = len(h[0]["train_loss"])
             fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
             for k in range(K):
                 a1.plot(ep, [r["train_loss"][k] for r in h], label=f"exit {k}")
-                a2.plot(ep, [r["test_acc"][k] for r in h], label=f"exit {k}")
+                if all("val_acc" in r for r in h):
+                    a2.plot(ep, [r["val_acc"][k] for r in h], label=f"exit {k}")
             a1.set_xlabel("epoch")
             a1.set_ylabel("train loss")
             a1.set_yscale("log")
             a2.set_xlabel("epoch")
-            a2.set_ylabel("test accuracy")
+            a2.set_ylabel("validation accuracy")
             for a in (a1, a2):
                 a.grid(alpha=0.3)
                 a.legend(fontsize=7)

@@ -3,10 +3,11 @@
 - ``zero_channel_plan`` / ``apply_plan`` / ``export_pruned``: remove zero filters/neurons for real with
   Torch-Pruning; the exported module equals ``W*`` (``SLBI.projected_model``) in eval mode.
 - ``magnitude_plan`` / ``random_plan`` / ``make_ticket``: winning tickets and their baselines.
-- ``support_path`` / ``plot_path``: the path recorded by the trainer.
+- ``support_path`` / ``plot_path``: the path recorded by the trainer; ``stopping_point``: where to stop on it,
+  chosen on validation.
 """
 
-from anytrain.sparsity.path import plot_path, support_path
+from anytrain.sparsity.path import plot_path, stopping_point, support_path
 from anytrain.sparsity.prune import (
     ConstantInputShift,
     PruningPlan,
@@ -31,6 +32,7 @@ __all__ = [
     "make_ticket",
     "plot_path",
     "random_plan",
+    "stopping_point",
     "support_path",
     "zero_channel_plan",
 ]

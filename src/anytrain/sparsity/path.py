@@ -48,4 +48,23 @@ def plot_path(path: dict[str, list[float]], file: str | Path, accuracy: Sequence
     return file
 
 
-__all__ = ["plot_path", "support_path"]
+def stopping_point(
+    points: Sequence[dict[str, Any]], target: float, *, removed: str = "removed", score: str = "wstar_val_acc"
+) -> dict[str, Any]:
+    """The early-stopping point of a recorded path, chosen on validation only.
+
+    ``points`` are path records in time order, each with the fraction of prunable channels its ``W*`` removes
+    (``removed``) and a *validation* score (``score``, default ``W*``'s validation accuracy; never a test
+    figure). Among the points that remove at least ``target``, the one removing the fewest (the largest
+    support, where the path first reaches the target) wins, ties broken by the higher validation score; when
+    none reaches ``target``, the sparsest point. Raises ``ValueError`` on an empty path.
+    """
+    if not points:
+        raise ValueError("empty regularization path: no stopping point")
+    ok = [p for p in points if p[removed] >= target]
+    if not ok:
+        return max(points, key=lambda p: (p[removed], p[score]))
+    return min(ok, key=lambda p: (p[removed], -p[score]))
+
+
+__all__ = ["plot_path", "stopping_point", "support_path"]

@@ -4,8 +4,10 @@ Run directory layout::
 
     config.yaml      fully resolved config; its first line marks the directory as an anytrain run
     checkpoint.pt    last completed epoch (model, optimizer, scheduler, rule, RNG, history), atomic
-    best.pt          weights only, at the best mean exit accuracy on the test split (early stopping)
-    history.json     per-epoch metrics, rewritten each epoch
+    best.pt          weights only, at the best mean exit accuracy on the *validation* split (early stopping)
+    exit_scores.pt   per-exit top softmax probability and correctness on validation and test (final model),
+                     for budgeted evaluation (``anytrain eval DIR --budget B``)
+    history.json     per-epoch metrics (training loss, validation accuracy), rewritten each epoch
     tb/events.*      TensorBoard scalars
     *.png            plots
     metrics.json     written last, when the run finishes (contract: rule, optimizer, dataset, epochs, exits)
@@ -19,6 +21,10 @@ Exactness of ``--resume``: the batch order and augmentation of epoch ``e`` are a
 ``(seed, e)``, and the checkpoint holds every other piece of state (weights, optimizer and scheduler state,
 rule state, torch RNG), so a run resumed from the end of any epoch reaches the same weights as one that
 never stopped.
+
+Protocol: everything chosen during or after training (``best.pt``, the budgeted-evaluation thresholds) is
+chosen on the validation split carved from the training set (``data.val_size``). The test split is evaluated
+once, when the run finishes, on the final model and on the selected one.
 """
 
 from __future__ import annotations
@@ -36,8 +42,14 @@ import yaml
 from torch import Tensor
 
 from anytrain.config import builder_kwargs, dump_config, resume_changes, safe_load
-from anytrain.data import BatchLoader, DataBundle, load_dataset
-from anytrain.eval.anytime import accuracy_per_exit, anytime_auc, confidence_exit, exit_logits
+from anytrain.data import DataBundle, StreamingData, load_dataset, train_loader
+from anytrain.eval.anytime import (
+    anytime_auc,
+    budgeted_curve,
+    default_budgets,
+    exit_costs,
+    exit_scores,
+)
 from anytrain.nets import StagedNet, build_model
 from anytrain.optim import build_optimizer
 from anytrain.registry import ConfigError
@@ -77,7 +89,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBundle:
+def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> Any:
     """The ``DataBundle`` a config names (``augment`` overrides ``data.augment``)."""
     d = cfg["data"]
     try:
@@ -88,6 +100,7 @@ def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBu
             seed=cfg["seed"],
             num_samples=d.get("num_samples"),
             augment=bool(d.get("augment", True)) if augment is None else augment,
+            val_size=d.get("val_size", "auto"),
         )
     except (TypeError, ValueError) as e:  # a data-set option of the wrong type or value
         if isinstance(e, ConfigError):
@@ -95,7 +108,7 @@ def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> DataBu
         raise ConfigError(f"data set {d['name']!r}: {e}") from None
 
 
-def model_from_config(cfg: dict[str, Any], data: DataBundle) -> StagedNet:
+def model_from_config(cfg: dict[str, Any], data: DataBundle | StreamingData) -> StagedNet:
     """The staged net a config names, shaped for ``data``; a bad keyword is a one-line ``ConfigError``."""
     try:
         with warnings.catch_warnings():  # torch only warns about a layer of size 0 (a width or shape of 0)
@@ -114,11 +127,14 @@ def model_from_config(cfg: dict[str, Any], data: DataBundle) -> StagedNet:
         raise ConfigError(f"model {cfg['model']['name']!r}: {e}") from None
 
 
-def build_components(cfg: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+def build_components(
+    cfg: dict[str, Any], device: torch.device | None = None, data: DataBundle | StreamingData | None = None
+) -> dict[str, Any]:
     """Everything a run needs, built from a validated config. Raises ``ConfigError`` on bad input, before
-    anything is written anywhere."""
+    anything is written anywhere. ``data`` (for example ``anytrain.data.from_datasets(...)``) replaces the
+    data set the config names; the config's other ``data`` keys (batch sizes, augment) still apply."""
     device = device or resolve_device(cfg["train"]["device"])
-    data = data_from_config(cfg)
+    data = data_from_config(cfg) if data is None else data
     torch.manual_seed(cfg["seed"])
     net = model_from_config(cfg, data)
     net.to(device)
@@ -155,6 +171,7 @@ class Trainer:
         resume: bool = False,
         replace: bool = False,
         components: dict[str, Any] | None = None,
+        data: DataBundle | StreamingData | None = None,
     ) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
@@ -165,9 +182,9 @@ class Trainer:
         t = cfg["train"]
         if t.get("threads"):
             torch.set_num_threads(int(t["threads"]))
-        c = components or build_components(cfg)
+        c = components or build_components(cfg, data=data)
         self.device: torch.device = c["device"]
-        self.data: DataBundle = c["data"]
+        self.data: DataBundle | StreamingData = c["data"]
         self.net: StagedNet = c["net"]
         self.rule: GradientRule = c["rule"]
         self.optimizer: torch.optim.Optimizer = c["optimizer"]
@@ -177,9 +194,8 @@ class Trainer:
         self.grad_sync = dp.prepare(self.net, self.rule, self.optimizer, self.dist) if self.dist.enabled else None
         self._params = [p for p in self.net.parameters() if p.requires_grad]
         self._grads_ok: Tensor | None = None
-        self.loader = BatchLoader(
-            self.data.x_train,
-            self.data.y_train,
+        self.loader = train_loader(
+            self.data,
             cfg["data"]["batch_size"],
             shuffle=True,
             seed=cfg["seed"],
@@ -191,7 +207,8 @@ class Trainer:
         )
         if len(self.loader) == 0:
             raise ConfigError(
-                f"data.batch_size={cfg['data']['batch_size']} exceeds the {len(self.data.y_train)} training samples"
+                f"data.batch_size={cfg['data']['batch_size']} exceeds the {self.data.split_len('train')} "
+                "training samples"
             )
         self.steps_per_epoch = len(self.loader)
         self.scheduler = build_scheduler(
@@ -285,11 +302,14 @@ class Trainer:
         return torch.stack([l.detach() for l in losses]), stats
 
     # ---- evaluation ---------------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, split: str) -> tuple[Tensor, Tensor]:
+        """Per-exit ``(conf, correct)`` of the net on ``split``."""
         bs = int(self.cfg["data"].get("eval_batch_size", 1000))
-        logits = exit_logits(self.net, self.data.x_test, bs)
-        acc = accuracy_per_exit(logits, self.data.y_test)
-        return {"acc": acc, "logits": logits}
+        return exit_scores(self.net, self.data.batches(split, bs))
+
+    @property
+    def has_val(self) -> bool:
+        return self.data.split_len("val") > 0
 
     # ---- loop -------------------------------------------------------------------------------------------
     def _log(self, tag: str, value: float, step: int) -> None:
@@ -425,26 +445,27 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_loss: list[float]) -> None:
         if not self.dist.is_main:  # replicas are identical; rank 0 evaluates and writes
             return
-        ev = self.evaluate()
-        acc = ev["acc"]
         rec: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": self.step,
             "train_loss": train_loss,
-            "test_acc": acc,
             "lr": self.optimizer.param_groups[0]["lr"],
             **self._extra_metrics(),
         }
+        acc: list[float] = []
+        if self.has_val:  # model selection sees the validation split only; test waits for finish()
+            acc = self.evaluate("val")[1].double().mean(1).tolist()
+            rec["val_acc"] = acc
         self.history.append(rec)
         for k, a in enumerate(acc):
-            self._log(f"test/acc_exit{k}", a, self.step)
+            self._log(f"val/acc_exit{k}", a, self.step)
         for key, v in rec.items():
             if "/" in key:
                 self._log(key, v, self.step)
-        score = sum(acc) / len(acc)
-        if score > self.best_score:
-            self.best_score = score
-            save_checkpoint(self.out / "best.pt", {"epoch": epoch, "model": self.net.state_dict(), "score": score})
+        if acc and sum(acc) / len(acc) > self.best_score:
+            self.best_score = sum(acc) / len(acc)
+            state = {"epoch": epoch, "model": self.net.state_dict(), "score": self.best_score}
+            save_checkpoint(self.out / "best.pt", state)
         every = int(self.cfg["train"].get("checkpoint_every", 1))
         if (epoch + 1) % every == 0 or epoch + 1 == self.epochs:
             if self.writer is not None:
@@ -453,10 +474,30 @@ class Trainer:
             if self._staging:
                 self._swap_in()
         atomic_write_json(self.out / "history.json", self.history)
-        accs = " ".join(f"{a:.3f}" for a in acc)
+        accs = " ".join(f"{a:.3f}" for a in acc) if acc else "(no validation split)"
         from tqdm.auto import tqdm
 
-        tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  test acc per exit: {accs}")
+        tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  val acc per exit: {accs}")
+
+    def _selected(self) -> dict[str, Any] | None:
+        """Validation and test accuracy per exit of ``best.pt`` (the model selected on validation)."""
+        path = self.out / "best.pt"
+        if not self.has_val or not path.is_file():
+            return None
+        best = load_checkpoint(path, map_location=self.device)
+        # Swap the weights in and back rather than copying the net: optimizers may hold hooks on its modules.
+        final = {k: v.clone() for k, v in self.net.state_dict().items()}
+        self.net.load_state_dict(best["model"])
+        try:
+            val = self.evaluate("val")[1].double().mean(1).tolist()
+            test = self.evaluate("test")[1].double().mean(1).tolist()
+        finally:
+            self.net.load_state_dict(final)
+        return {
+            "epoch": int(best["epoch"]) + 1,
+            "criterion": "mean validation accuracy over exits",
+            "exits": [{"index": k, "val": v, "test": t} for k, (v, t) in enumerate(zip(val, test))],
+        }
 
     def _swap_in(self) -> None:
         """The replacement run has its first checkpoint: it takes the old run's place."""
@@ -470,27 +511,41 @@ class Trainer:
     def finish(self, seconds: float) -> dict[str, Any]:
         if not self.dist.is_main:
             return {}
-        ev = self.evaluate()
-        acc = ev["acc"]
-        conf = confidence_exit(ev["logits"], self.data.y_test, self.flops_stage, self.flops_head)
+        test = self.evaluate("test")
+        acc = test[1].double().mean(1).tolist()
+        val = self.evaluate("val") if self.has_val else None
+        val_acc = val[1].double().mean(1).tolist() if val is not None else [None] * len(acc)
+        costs = exit_costs(self.flops_stage, self.flops_head)
         o = self.cfg["optimizer"]
         metrics: dict[str, Any] = {
             "rule": self.cfg["rule"]["name"],
             "optimizer": o["name"],
-            "dataset": self.cfg["data"]["name"],
+            "dataset": self.data.name,
             "model": self.cfg["model"]["name"],
             "epochs": self.epochs,
             "seed": self.cfg["seed"],
             "steps": self.step,
-            "exits": [{"index": k, "accuracy": a, "flops": int(f)} for k, (a, f) in enumerate(zip(acc, self.flops))],
+            "split_sizes": {s: self.data.split_len(s) for s in ("train", "val", "test")},
+            # accuracy (contract) and test: the final model on the test split; val: the same on validation
+            "exits": [
+                {"index": k, "accuracy": a, "flops": int(f), "val": v, "test": a}
+                for k, (a, v, f) in enumerate(zip(acc, val_acc, self.flops))
+            ],
             "auc": anytime_auc(self.flops, acc),
             "mean_exit_accuracy": sum(acc) / len(acc),
+            "selected": self._selected(),
             "stage_flops": self.flops_stage,
             "head_flops": self.flops_head,
-            "confidence_exit": [vars(p) for p in conf],
+            "early_exit_flops": costs,
+            # thresholds fitted on validation for each average budget, then applied once to test
+            "budgeted": budgeted_curve(val, test, costs, default_budgets(costs)) if val is not None else [],
             "train_seconds_this_session": seconds,
             **self._extra_metrics(),
         }
+        scores = {"test_conf": test[0], "test_correct": test[1], "costs": torch.tensor(costs)}
+        if val is not None:
+            scores.update(val_conf=val[0], val_correct=val[1])
+        save_checkpoint(self.out / "exit_scores.pt", scores)
         if self.cfg["train"].get("plots", True):
             from anytrain.eval.plots import plot_run
 
