@@ -727,7 +727,7 @@ def test_tensorboard_keeps_the_checkpoint_step_after_resume(tmp_path, monkeypatc
     assert main(["train", "--resume", str(out)]) == 0
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("test/acc_exit0")] == [8, 16]  # one point per epoch, none lost
+    assert [e.step for e in acc.Scalars("val/acc_exit0")] == [7, 14]  # one point per epoch (7 steps), none lost
     assert [e.step for e in acc.Scalars("train/loss_exit0")] == [8, 16]
 
 

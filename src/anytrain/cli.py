@@ -197,7 +197,7 @@ def _budgeted(run: Path, budget: float) -> int:
     from anytrain.train.checkpoint import CheckpointError, load_checkpoint
 
     if not math.isfinite(budget) or budget <= 0:
-        return _fail(f"--budget must be a positive, finite number of MACs, got {budget}")
+        return _fail(f"--budget must be a finite, positive number of MACs, got {budget}")
     try:
         s = load_checkpoint(run / "exit_scores.pt")
     except CheckpointError as e:
