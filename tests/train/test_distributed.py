@@ -237,7 +237,9 @@ def _registered_optimizer(name: str) -> bool:
 def _cases(slow: bool) -> list[tuple[str, list[str], float]]:
     """(name, overrides, tolerance vs 1 rank) — tolerance: float32 sums in another order, amplified by
     training; the per-exit-gradient rules go through Gram–Schmidt/QP solvers and get a looser one."""
-    base = ["train.epochs=2", "data.options.n_train=256", "data.options.n_test=64"]
+    # val_size=0: all 256 samples train, as when these tolerances were set. With a validation split the 230 left
+    # give SLBI a run in which one float32 rounding difference flips a Γ entry across its threshold (1e-2 apart).
+    base = ["train.epochs=2", "data.options.n_train=256", "data.options.n_test=64", "data.val_size=0"]
     cases = [("joint", [*base, "rule.name=joint"], 1e-4)]
     if not slow:
         return cases
@@ -255,7 +257,7 @@ def _cases(slow: bool) -> list[tuple[str, list[str], float]]:
         # Preconditioning with inverse powers of near-singular Kronecker factors amplifies float rounding
         # (eigenvectors of nearly equal eigenvalues are ill-determined), so after a few dozen steps the two runs
         # drift apart chaotically although the factors agree to 1e-7 after each step; compare over 4 steps.
-        short = ["train.epochs=1", "data.options.n_train=128", "data.options.n_test=64"]
+        short = ["train.epochs=1", "data.options.n_train=128", "data.options.n_test=64", "data.val_size=0"]
         cases.append(("curvature", [*short, "optimizer.name=curvature", "optimizer.lr=0.05"], 1e-3))
         cases.append(("osgd_curvature", [*short, "rule.name=osgd", "optimizer.name=curvature"], 1e-3))
     return cases
