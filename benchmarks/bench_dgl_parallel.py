@@ -117,7 +117,7 @@ def parallel(k: int, width: int, batch: int, epochs: int, buffer: int) -> dict[s
         cfg = Path(d) / "cfg.yaml"
         cfg.write_text(CONFIG.format(k=k, width=width, batch=batch, epochs=epochs))
         out = Path(d) / "run"
-        cmd = [sys.executable, "-m", "anytrain.greedy.parallel", str(cfg), "--out", str(out), "--buffer", str(buffer)]
+        cmd = [sys.executable, "-m", "anytrain.train.parallel", str(cfg), "--out", str(out), "--buffer", str(buffer)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
         if p.returncode != 0:
             raise RuntimeError(p.stderr[-2000:])

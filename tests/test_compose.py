@@ -1,5 +1,6 @@
-"""Every gradient rule composes with every optimizer through the one trainer: a short run trains to finite
-weights, and a run interrupted after epoch 1 and resumed reaches the same final weights bit for bit.
+"""Every gradient rule composes with every optimizer through the one trainer: a short run on a learnable toy
+task (class templates plus noise) lowers the training loss well below chance level and beats chance accuracy on
+the test split, and a run interrupted after epoch 1 and resumed reaches the same final weights bit for bit.
 
 This is the composer-style settings table: adding a rule or an optimizer means adding one row here.
 """
@@ -27,18 +28,24 @@ RULES = {
 }
 OPTIMIZERS = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4},
-    "adam": {"lr": 0.003},
+    "adam": {"lr": 0.01},
     "slbi": {"lr": 0.05, "kappa": 1.0, "nu": 10.0, "momentum": 0.9},
     "curvature": {"lr": 0.05, "alpha": 0.5, "damping": 0.1, "factor_every": 2, "inverse_every": 4},
 }
 
 
-def cfg_for(rule: str, opt: str, epochs: int = 2) -> dict:
+CLASSES = 4
+CHANCE_LOSS = math.log(CLASSES)  # cross-entropy of the uniform prediction
+
+
+def cfg_for(rule: str, opt: str, epochs: int = 3) -> dict:
     r = dict(RULES[rule])
     r.setdefault("name", rule)
     sets = [
         "data.name=synthetic",
-        "data.batch_size=64",
+        "data.batch_size=32",
+        f"data.options.num_classes={CLASSES}",
+        "data.options.noise=0.5",
         "model.name=cnn1d-exits",
         "model.width=4",
         "model.exits=3",
@@ -71,11 +78,17 @@ def _registered(rule: str, opt: str) -> None:
 def test_rule_optimizer_trains_and_resumes(tmp_path, rule, opt):
     _registered(rule, opt)
     torch.manual_seed(0)
-    cfg = cfg_for(rule, opt, epochs=3 if rule == "sgl" else 2)  # sgl needs an epoch per module
+    cfg = cfg_for(rule, opt, epochs=6 if rule == "sgl" else 3)  # sgl trains one module at a time: 2 epochs each
     full = Trainer(cfg, tmp_path / "full")
     m = full.fit()
-    assert all(math.isfinite(e["accuracy"]) for e in m["exits"])
     assert all(torch.isfinite(p).all() for p in full.net.parameters())
+    # it learns: the best exit's training loss ends well below the uniform prediction's, and its test accuracy is
+    # far above chance (1/4; with 256 test samples chance accuracy has a standard deviation of about 0.03)
+    history = json.loads((tmp_path / "full" / "history.json").read_text())
+    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    assert min(last) < 0.8 * CHANCE_LOSS and min(last) < min(first), f"{rule}+{opt}: train loss {first} -> {last}"
+    best = max(e["accuracy"] for e in m["exits"])
+    assert best > 0.5, f"{rule}+{opt}: test accuracy per exit {[e['accuracy'] for e in m['exits']]}"
 
     part = Trainer(cfg, tmp_path / "part")
     orig = part._end_epoch

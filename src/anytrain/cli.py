@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list models, rules, optimizers, data sets, schedules")
     ls.add_argument("what", nargs="?", choices=["models", "rules", "optimizers", "datasets", "schedules"])
     ls.set_defaults(fn=cmd_list)
-    # Parsed by anytrain.greedy.parallel itself (main() forwards the arguments); listed here for --help.
+    # Parsed by anytrain.train.parallel itself (main() forwards the arguments); listed here for --help.
     sub.add_parser(
         "dgl-parallel",
         help="decoupled greedy learning, one module per process (see `anytrain dgl-parallel --help`)",
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "dgl-parallel":
-        from anytrain.greedy.parallel import main as dgl_parallel_main
+        from anytrain.train.parallel import main as dgl_parallel_main
 
         return dgl_parallel_main(argv[1:])
     parser = build_parser()

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import anytrain.greedy.buffer
-import anytrain.greedy.modules
 import anytrain.nets.heads
+import anytrain.nets.modules
 
 
-@pytest.mark.parametrize("mod", [anytrain.greedy.buffer, anytrain.greedy.modules, anytrain.nets.heads])
+@pytest.mark.parametrize("mod", [anytrain.greedy.buffer, anytrain.nets.modules, anytrain.nets.heads])
 def test_docstring_examples(mod) -> None:
     res = doctest.testmod(mod, extraglobs={"torch": torch})
     assert res.attempted > 0 and res.failed == 0

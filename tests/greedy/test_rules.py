@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from greedy_helpers import batches, small_net
 
-from anytrain.greedy.modules import ModuleOptimizers, module_parameters, partition_stages
+from anytrain.nets.modules import ModuleOptimizers, module_parameters, partition_stages
 from anytrain.optim import build_optimizer
 from anytrain.rules import build_rule
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anytrain.greedy.buffer import ReplayBuffer
-from anytrain.greedy.modules import Partition, module_forward
+from anytrain.nets.modules import Partition, module_forward
 from anytrain.nets.staged import StagedNet, detach_state
 
 

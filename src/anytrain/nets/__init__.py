@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from anytrain.nets.staged import StagedNet, check_exits, detach_state, macs_of, require_staged
+from anytrain.nets.flops import macs_of
+from anytrain.nets.staged import StagedNet, check_exits, detach_state, require_staged
 from anytrain.registry import Registry
 
 MODELS: Registry = Registry("model")

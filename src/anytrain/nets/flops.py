@@ -10,17 +10,16 @@ code (nested networks slicing weights) is counted the same way as ``nn.Conv2d``/
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
     from anytrain.nets.staged import StagedNet
 
 
 def staged_macs(net: StagedNet, input_shape: Sequence[int]) -> tuple[list[int], list[int]]:
-    from anytrain.nets.staged import macs_of
-
     was_training = net.training
     net.eval()
     try:
@@ -37,3 +36,10 @@ def staged_macs(net: StagedNet, input_shape: Sequence[int]) -> tuple[list[int], 
         return stage_macs, head_macs
     finally:
         net.train(was_training)
+
+
+def macs_of(fn: Any, *args: Any) -> int:
+    """Multiply-adds that ``fn(*args)`` performs in matmul/conv kernels, counted by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args)
+    return int(counter.get_total_flops()) // 2

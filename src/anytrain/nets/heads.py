@@ -219,7 +219,7 @@ def make_head(kind: str, channels: int, num_classes: int, dims: int, **kw: Any) 
 
 def head_macs(head: nn.Module, feature_shape: Sequence[int]) -> int:
     """Multiply-adds ``head`` adds for one sample whose feature map has shape ``feature_shape`` (no batch)."""
-    from anytrain.nets.staged import macs_of
+    from anytrain.nets.flops import macs_of
 
     was_training = head.training
     head.eval()

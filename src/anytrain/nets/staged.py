@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
+
+from anytrain.nets.flops import staged_macs
 
 State = Any  # a tensor or a pytree of tensors
 
@@ -105,8 +106,6 @@ class StagedNet(nn.Module):
     # ---- cost -----------------------------------------------------------------------------------------
     def flops_breakdown(self, input_shape: Sequence[int]) -> tuple[list[int], list[int]]:
         """Multiply-adds for one sample, per stage and per exit head (see ``anytrain.nets.flops``)."""
-        from anytrain.nets.flops import staged_macs
-
         return staged_macs(self, input_shape)
 
     def flops_per_exit(self, input_shape: Sequence[int]) -> list[int]:
@@ -135,12 +134,3 @@ def check_exits(net: nn.Module, k: int, what: str) -> None:
     n = getattr(net, "num_exits", 1)
     if n != k:
         raise ValueError(f"{what} expects {k} exits but the network has {n}")
-
-
-def macs_of(fn: Any, *args: Any) -> int:
-    """Multiply-adds that ``fn(*args)`` performs in matmul/conv kernels, counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn(*args)
-    return int(counter.get_total_flops()) // 2

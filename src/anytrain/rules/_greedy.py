@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from anytrain.greedy.modules import (
+from anytrain.nets.modules import (
     Partition,
     build_module_optimizers,
     decoupled_forward,

@@ -347,7 +347,7 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
     """Multiply-adds for one sample (torch FlopCounterMode, eval mode)."""
-    from anytrain.nets.staged import macs_of
+    from anytrain.nets.flops import macs_of
 
     was = model.training
     model.eval()

@@ -1,4 +1,4 @@
-"""Training loop, checkpoints, schedules."""
+"""The training loop, checkpoints, schedules, data parallelism and the multi-process DGL runner (`parallel`)."""
 
 from anytrain.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from anytrain.train.trainer import Trainer, TrainingDiverged, build_components

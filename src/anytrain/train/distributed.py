@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from anytrain.nets.modules import ModuleOptimizers
 from anytrain.registry import ConfigError
 
 Reducer = Callable[[Tensor], Tensor]
@@ -305,10 +306,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 
 # ---- wiring a run for data parallelism ----------------------------------------------------------------------
-def _optimizers(optimizer: torch.optim.Optimizer) -> list[Any]:
-    inner = getattr(optimizer, "optimizers", None)  # ModuleOptimizers (decoupled greedy learning)
-    if inner is not None:
-        return [o for o in inner if o is not None]
+def _optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    if isinstance(optimizer, ModuleOptimizers):  # one optimizer per module (decoupled greedy learning)
+        return [o for o in optimizer.optimizers if o is not None]
     return [optimizer]
 
 

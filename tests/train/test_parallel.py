@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from anytrain.config import load_config
-from anytrain.greedy.parallel import FAULT_ENV, SLOW_ENV, latest_complete_epoch
 from anytrain.train import Trainer
+from anytrain.train.parallel import FAULT_ENV, SLOW_ENV, latest_complete_epoch
 
 CONFIG = """\
 seed: 3
@@ -31,7 +31,7 @@ def run(cfg: Path, out: Path, *extra: str, env: dict[str, str] | None = None, ti
     e = dict(os.environ, **(env or {}))
     t0 = time.monotonic()
     p = subprocess.run(
-        [sys.executable, "-m", "anytrain.greedy.parallel", str(cfg), "--out", str(out), *extra],
+        [sys.executable, "-m", "anytrain.train.parallel", str(cfg), "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -81,7 +81,7 @@ def test_dead_rank_exits_nonzero_naming_it_then_resume_matches(reference, tmp_pa
     assert p.returncode != 0
     assert "rank 1 failed" in p.stderr and secs < 60, (secs, p.stderr[-2000:])
     assert latest_complete_epoch(out) == 0
-    resume = [sys.executable, "-m", "anytrain.greedy.parallel", "--resume", str(out)]
+    resume = [sys.executable, "-m", "anytrain.train.parallel", "--resume", str(out)]
     p = subprocess.run(resume, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     par = weights(out / "model.pt")

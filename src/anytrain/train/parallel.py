@@ -38,7 +38,7 @@ children, and when one exits non-zero it names that rank, stops the others (SIGT
 non-zero, so a dead rank never leaves a hanging job. Under ``torchrun`` the elastic agent does the same.
 
 Run it with ``anytrain dgl-parallel CONFIG --out DIR`` (local launcher, one process per module) or
-``torchrun --nproc-per-node K -m anytrain.greedy.parallel CONFIG --out DIR``.
+``torchrun --nproc-per-node K -m anytrain.train.parallel CONFIG --out DIR``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from anytrain.config import builder_kwargs
 from anytrain.greedy.buffer import ReplayBuffer
-from anytrain.greedy.modules import module_forward, module_parameters
+from anytrain.nets.modules import module_forward, module_parameters
 from anytrain.registry import ConfigError
 
 DATA, MARK, END = 1, 2, 0
@@ -689,7 +689,7 @@ def _culprit(failed: list[tuple[int, int]]) -> str:
 
 
 def launch(worker_argv: list[str], nproc: int, env: dict[str, str] | None = None) -> int:
-    """Start ``nproc`` ranks of ``python -m anytrain.greedy.parallel WORKER_ARGV --worker`` on this machine and
+    """Start ``nproc`` ranks of ``python -m anytrain.train.parallel WORKER_ARGV --worker`` on this machine and
     watch them. Returns 0 if all succeed; otherwise names the first rank that failed, stops the others and
     returns 1."""
     port = _free_port()
@@ -699,7 +699,7 @@ def launch(worker_argv: list[str], nproc: int, env: dict[str, str] | None = None
     for r in range(nproc):
         e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
         procs.append(
-            subprocess.Popen([sys.executable, "-m", "anytrain.greedy.parallel", *worker_argv, "--worker"], env=e)
+            subprocess.Popen([sys.executable, "-m", "anytrain.train.parallel", *worker_argv, "--worker"], env=e)
         )
     try:
         while True:
