@@ -717,9 +717,7 @@ def test_tensorboard_keeps_the_checkpoint_step_after_resume(tmp_path, monkeypatc
 
     out = tmp_path / "run"
     args = sets([*RUN, "train.epochs=2", "train.tensorboard=true"])
-    _stop_at_step(
-        monkeypatch, 10, KeyboardInterrupt()
-    )  # epoch 2, after the checkpoint at step 7
+    _stop_at_step(monkeypatch, 10, KeyboardInterrupt())  # epoch 2, after the checkpoint at step 7
     assert main(["train", *args, "--out", str(out)]) == 130
     monkeypatch.undo()
     assert main(["train", "--resume", str(out)]) == 0
