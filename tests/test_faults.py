@@ -737,6 +737,26 @@ def test_dgl_parallel_resume_of_a_directory_without_checkpoints_keeps_the_users_
     assert tree(tmp_path) == before
 
 
+def test_dgl_parallel_refuses_streamed_data_in_one_line(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "img"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((8, 8), 40 * c + i, np.uint8), mode="L").save(root / f"c{c}" / f"{i}.png")
+    before = tree(tmp_path)
+    run = [kv for kv in ONE if not kv.startswith(("data.", "model.name="))] + ["data.batch_size=4"]
+    run += ["rule.name=dgl", "model.exits=2", "model.name=cnn2d-exits", "data.name=imagefolder"]
+    run += [f"data.data_dir={root}", "data.options.grayscale=true", "data.options.memory_limit_mb=0.0001"]
+    argv = ["dgl-parallel", *sets(run)]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "streams from disk" in err, err
+    assert tree(tmp_path) == before
+
+
 def test_shipped_configs_resolve_from_anywhere(tmp_path, monkeypatch):
     """The wheel ships configs/*.yaml inside the package; `configs/NAME.yaml` finds them outside the repo."""
     from anytrain.config import read_config_file

@@ -801,10 +801,16 @@ def _check_components(cfg: dict[str, Any]) -> int:
     line before the run directory is written; returns the number of DGL modules (= processes)."""
     import torch
 
+    from anytrain.data import DataBundle
     from anytrain.train.schedule import build_scheduler
     from anytrain.train.trainer import build_components
 
     comps = build_components(cfg, torch.device("cpu"))
+    if not isinstance(comps["data"], DataBundle):
+        raise ConfigError(
+            f"dgl-parallel reads data held in memory, and data set {cfg['data']['name']!r} streams from disk here "
+            "(raise data.options.memory_limit_mb, or train it with anytrain train)"
+        )
     build_scheduler(comps["optimizer"], cfg["schedule"], int(cfg["train"]["epochs"]), 1)
     return len(comps["rule"].partition)
 
