@@ -538,6 +538,12 @@ CASES = {
     "overwrite-run-with-notes": A(
         [*TRAIN, "--out", "{run}", "--overwrite"], "(notes.txt)", _write("run/notes.txt", "x")
     ),
+    "overwrite-run-with-own-json": A(  # a user's own .json/.pt/.png beside anytrain's files is theirs too
+        [*TRAIN, "--out", "{run}", "--overwrite"], "(notes.json)", _write("run/notes.json", "{}")
+    ),
+    "overwrite-run-with-own-weights": A(
+        [*TRAIN, "--out", "{run}", "--overwrite"], "(mine.pt)", _write("run/mine.pt", "x")
+    ),
     "dgl-resume-with-config": A(
         ["dgl-parallel", "{tmp}/c.yaml", "--resume", "{live}"], "drop CONFIG", _write("c.yaml", "")
     ),

@@ -112,9 +112,13 @@ def state_dict_mismatch(expected: dict[str, Any], got: Any) -> str | None:
 
 
 # ---- run directories ---------------------------------------------------------------------------------------
-# What anytrain writes into a run directory (the trainer and dgl-parallel); anything else is the user's.
-RUN_NAMES = {"config.yaml", "tb", "checkpoints"}
-RUN_SUFFIXES = (".pt", ".json", ".png", ".tmp")
+# What anytrain writes into a run directory (the trainer, dgl-parallel, the plots, atomic writes' temporary
+# files); anything else is the user's, and --overwrite refuses to delete it.
+RUN_NAMES = re.compile(
+    r"config\.yaml|tb|checkpoints|(checkpoint|best|exit_scores|model)\.pt|(history|metrics)\.json"
+    r"|(accuracy_vs_flops|training_curves|epoch_series|sparsity_path)\.png|rank\d+\.(pt|json)|buffer_rank\d+\.json"
+    r"|\..+\.tmp(\.png)?"
+)
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -133,11 +137,7 @@ def is_finished_run(path: str | Path) -> bool:
 
 def foreign_entries(path: str | Path) -> list[str]:
     """Names in a run directory that anytrain does not write (a user's notes, data, ...)."""
-    return sorted(
-        p.name
-        for p in Path(path).iterdir()
-        if p.name not in RUN_NAMES and not (p.is_file() and p.name.endswith(RUN_SUFFIXES))
-    )
+    return sorted(p.name for p in Path(path).iterdir() if not RUN_NAMES.fullmatch(p.name))
 
 
 def check_new_run_dir(out: Path, overwrite: bool | None) -> None:
