@@ -29,6 +29,6 @@ def _load_builders() -> None:
                 raise
 
 
-_BUILDER_MODULES = ["anytrain.nets.branched", "anytrain.nets.nested"]
+_BUILDER_MODULES = ["anytrain.nets.branched", "anytrain.nets.nested", "anytrain.nets.msdnet"]
 
 __all__ = ["MODELS", "StagedNet", "build_model", "check_exits", "detach_state", "macs_of", "require_staged"]

@@ -14,9 +14,11 @@ from typing import Any
 
 from anytrain.registry import Registry
 from anytrain.rules._base import GradientRule, GradientWeighting, LossWeighting, scalar_losses
+from anytrain.rules._equilibrium import GradientEquilibrium
 from anytrain.rules._functional import backward
 from anytrain.rules._greedy import DGL, SGL
 from anytrain.rules._osgd import OSGD, orthogonalize, osgd_coefficients, osgd_weights
+from anytrain.rules._sdn import SDN
 from anytrain.rules._simple import AdaLoss, Joint, Weighted
 
 
@@ -30,6 +32,10 @@ RULES: Registry = Registry("rule")
 RULES.register("joint", "sum of exit losses (last_only: true gives plain backprop)")(Joint)
 RULES.register("weighted", "fixed per-exit loss weights")(Weighted)
 RULES.register("adaloss", "weights inversely proportional to running-average exit losses")(AdaLoss)
+RULES.register("sdn", "Shallow-Deep Networks: internal exit weights ramp linearly from 0.01 to a cap")(SDN)
+RULES.register("gradient-equilibrium", "IMTA's Gradient Equilibrium: each stage learns from the mean of its exits' losses")(
+    GradientEquilibrium
+)
 RULES.register("dgl", "decoupled greedy learning: each module learns only from its own exit")(DGL)
 RULES.register("sgl", "sequential greedy learning: one module at a time, earlier ones frozen")(SGL)
 RULES.register("osgd", "orthogonalized SGD: Gram–Schmidt of per-exit gradients, earliest exit first")(OSGD)
@@ -62,8 +68,10 @@ __all__ = [
     "DGL",
     "OSGD",
     "RULES",
+    "SDN",
     "SGL",
     "AdaLoss",
+    "GradientEquilibrium",
     "GradientRule",
     "GradientWeighting",
     "Joint",
