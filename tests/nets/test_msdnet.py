@@ -125,7 +125,7 @@ def test_imagenet_variant_matches_published_flops():
     [
         ({"stepmode": "linear"}, "stepmode"),
         ({"prune": "none"}, "prune"),
-        ({"growth": 3}, "even"),
+        ({"growth": 3, "scale_widths": [1, 1, 1]}, "even"),
         ({"scale_widths": [1, 2]}, "one entry per scale"),
         ({"reduction": 1.5}, "reduction"),
         ({"head_channels": 0}, "head_channels"),
