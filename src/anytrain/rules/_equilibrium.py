@@ -69,6 +69,7 @@ class GradientEquilibrium(LossWeighting):
     scalings live in the forward pass.
 
     Example:
+        >>> from anytrain.nets import StagedNet
         >>> net = StagedNet([nn.Linear(4, 4), nn.Linear(4, 4)], [nn.Linear(4, 2), nn.Linear(4, 2)])
         >>> rule = GradientEquilibrium()
         >>> losses = [z.square().mean() for z in rule.forward(net, torch.randn(8, 4))]
