@@ -19,6 +19,8 @@ from anytrain.train import Trainer
 RULES = {
     "joint": {},
     "adaloss": {},
+    "sdn": {},
+    "gradient-equilibrium": {},
     "osgd": {},
     "osgd-amortized": {"name": "osgd", "amortize": 3},
     "osgd-per-tensor": {"name": "osgd", "mode": "per_tensor", "rescale": True},

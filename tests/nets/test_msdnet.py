@@ -136,3 +136,44 @@ def test_imagenet_variant_matches_published_flops():
 def test_bad_options_are_one_line_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         build_model("msdnet", **{"in_shape": (1, 28, 28), **kw})
+
+
+def test_trains_in_the_trainer_with_gradient_equilibrium(tmp_path):
+    import json
+
+    from anytrain.config import load_config
+    from anytrain.train import Trainer
+
+    sets = [
+        "data.name=synthetic",
+        "data.batch_size=32",
+        "data.options.shape=[1, 8, 8]",
+        "data.options.num_classes=4",
+        "data.options.noise=0.5",
+        "data.options.n_train=256",
+        "data.options.n_test=64",
+        "model.name=msdnet",
+        "model.blocks=3",
+        "model.base=1",
+        "model.step=1",
+        "model.scales=2",
+        "model.channels=4",
+        "model.growth=4",
+        "model.head_channels=8",
+        "rule.name=gradient-equilibrium",
+        "optimizer.name=sgd",
+        "optimizer.lr=0.05",
+        "optimizer.momentum=0.9",
+        "train.epochs=2",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.plots=false",
+    ]
+    m = Trainer(load_config(None, sets), tmp_path / "run").fit()
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    assert all(b < a for a, b in zip(first, last)), (first, last)
+    assert [e["flops"] for e in m["exits"]] == build_model(
+        "msdnet", in_shape=(1, 8, 8), num_classes=4, blocks=3, base=1, step=1, scales=2, channels=4, growth=4,
+        head_channels=8,
+    ).flops_per_exit((1, 8, 8))  # fmt: skip
