@@ -84,7 +84,10 @@ def test_tiny_macs_match_a_hand_count():
     stage, heads = net.flops_breakdown((1, 8, 8))
     assert stage == [stem + layer1, layer2 + layer3 + transition]
     assert heads == [head(8), head(8)]
-    assert net.flops_per_exit((1, 8, 8)) == [stem + layer1 + head(8), stem + layer1 + layer2 + layer3 + transition + head(8)]
+    assert net.flops_per_exit((1, 8, 8)) == [
+        stem + layer1 + head(8),
+        stem + layer1 + layer2 + layer3 + transition + head(8),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,9 @@ def closed_form_grads(net: StagedNet, x: Tensor, loss_fn) -> list[Tensor]:
         stage = list(net.stages[i].parameters())
         acc = [torch.zeros_like(p) for p in stage]
         for j in range(i, n):
-            for a, g in zip(acc, torch.autograd.grad(losses[j], stage, retain_graph=True, allow_unused=True, materialize_grads=True)):
+            for a, g in zip(
+                acc, torch.autograd.grad(losses[j], stage, retain_graph=True, allow_unused=True, materialize_grads=True)
+            ):
                 a += g / (n - i)
         out.update({id(p): a for p, a in zip(stage, acc)})
         head = list(net.exits[i].parameters())

@@ -57,7 +57,15 @@ Maps = list[Tensor]  # one feature map per kept scale, finest first
 
 _VARIANTS: dict[str, dict[str, int | str]] = {
     "cifar": {"blocks": 7, "base": 4, "step": 2, "channels": 16, "growth": 6, "scales": 3, "head_channels": 128},
-    "imagenet": {"blocks": 5, "base": 4, "step": 4, "channels": 32, "growth": 16, "scales": 4, "head_channels": "input"},
+    "imagenet": {
+        "blocks": 5,
+        "base": 4,
+        "step": 4,
+        "channels": 32,
+        "growth": 16,
+        "scales": 4,
+        "head_channels": "input",
+    },
 }
 
 
@@ -107,15 +115,18 @@ class MSDLayer(nn.Module):
         S = len(scale_widths)
         self.drop = in_scales - out_scales  # 0 or 1: the finest input map is only read, not kept
         first = S - out_scales  # absolute index of the finest kept scale
-        bw = bottleneck_widths
+
+        def bw(s: int) -> int | None:
+            return None if bottleneck_widths is None else bottleneck_widths[s]
+
         units = []
         for s in range(first, S):
             new = growth * scale_widths[s]
             if s == first and self.drop == 0:
-                units.append(ScaleUnit(_branch(c * scale_widths[s], new, 1, bw and bw[s]), None))
+                units.append(ScaleUnit(_branch(c * scale_widths[s], new, 1, bw(s)), None))
             else:
-                same = _branch(c * scale_widths[s], new // 2, 1, bw and bw[s])
-                down = _branch(c * scale_widths[s - 1], new // 2, 2, bw and bw[s - 1])
+                same = _branch(c * scale_widths[s], new // 2, 1, bw(s))
+                down = _branch(c * scale_widths[s - 1], new // 2, 2, bw(s - 1))
                 units.append(ScaleUnit(same, down))
         self.units = nn.ModuleList(units)
 
@@ -163,7 +174,7 @@ class MSDBlock(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor | Maps) -> Maps:
-        maps = self.stem(x) if self.stem is not None else x
+        maps: Maps = self.stem(x) if self.stem is not None else x  # type: ignore[assignment]
         for layer in self.layers:
             maps = layer(maps)
         return maps

@@ -33,9 +33,9 @@ RULES.register("joint", "sum of exit losses (last_only: true gives plain backpro
 RULES.register("weighted", "fixed per-exit loss weights")(Weighted)
 RULES.register("adaloss", "weights inversely proportional to running-average exit losses")(AdaLoss)
 RULES.register("sdn", "Shallow-Deep Networks: internal exit weights ramp linearly from 0.01 to a cap")(SDN)
-RULES.register("gradient-equilibrium", "IMTA's Gradient Equilibrium: each stage learns from the mean of its exits' losses")(
-    GradientEquilibrium
-)
+RULES.register(
+    "gradient-equilibrium", "IMTA's Gradient Equilibrium: each stage learns from the mean of its exits' losses"
+)(GradientEquilibrium)
 RULES.register("dgl", "decoupled greedy learning: each module learns only from its own exit")(DGL)
 RULES.register("sgl", "sequential greedy learning: one module at a time, earlier ones frozen")(SGL)
 RULES.register("osgd", "orthogonalized SGD: Gram–Schmidt of per-exit gradients, earliest exit first")(OSGD)

@@ -54,7 +54,9 @@ class SDN(LossWeighting):
             self.cap: float | list[float] | None = None
         elif isinstance(cap, (int, float)) and not isinstance(cap, bool):
             self.cap = float(cap)
-        elif isinstance(cap, (list, tuple)) and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cap):
+        elif isinstance(cap, (list, tuple)) and all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) for c in cap
+        ):
             self.cap = [float(c) for c in cap]
         else:
             raise ValueError(f"sdn: cap must be a number or a list of numbers (one per internal exit), got {cap!r}")
