@@ -14,29 +14,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from anytrain.nets.staged import State, require_staged
 from anytrain.rules._base import LossWeighting, Reduce, check_losses_for
+from anytrain.rules._osgd import scale_grad
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the incoming gradient by ``scale``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.scale, None
-
-
-def scale_grad(state: State, scale: float, last_only: bool = False) -> State:
-    """``state`` with every tensor (or only its last one) passed through a gradient scaling by ``scale``."""
+def _scaled(state: State, w: Tensor, last_only: bool) -> State:
+    """``state`` with the gradient through every tensor (or only its last one) scaled by ``w``."""
+    if not last_only:
+        return scale_grad(state, w)
     leaves, spec = tree_flatten(state)
-    picked = [len(leaves) - 1] if last_only else range(len(leaves))
-    for i in picked:
-        t = leaves[i]
-        if isinstance(t, Tensor) and t.requires_grad:
-            leaves[i] = _ScaleGrad.apply(t, scale)
+    leaves[-1] = scale_grad(leaves[-1], w)
     return tree_unflatten(leaves, spec)
 
 
@@ -88,6 +74,7 @@ class GradientEquilibrium(LossWeighting):
             raise ValueError(f"gradient-equilibrium: last_only must be true or false, got {last_only!r}")
         self.last_only = last_only
         self._forwarded = False  # set by forward, consumed by backward: a bypassed forward is an error
+        self._scales: Tensor | None = None  # row i: (1/(n−i), (n−i−1)/(n−i)), on the device (no per-step copies)
 
     def needs_forward(self) -> str | None:
         return (
@@ -101,15 +88,19 @@ class GradientEquilibrium(LossWeighting):
     def forward(self, net: nn.Module, x: Tensor) -> list[Tensor]:
         staged = require_staged(net, self.name)
         n = staged.num_exits
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        sc = self._scales
+        if sc is None or len(sc) != n or sc.device != x.device or sc.dtype != dtype:
+            left = torch.arange(n, 0, -1, dtype=torch.float64)  # exits that depend on stage i's output: n−i
+            self._scales = sc = torch.stack([1.0 / left, (left - 1.0) / left], dim=1).to(x.device, dtype)
         out, s = [], x
         for i, (stage, head) in enumerate(zip(staged.stages, staged.exits)):
             s = stage(s)
-            left = n - i  # exits that depend on s: i..n−1
-            if left == 1:
+            if i == n - 1:  # the last head is the only exit left: scale 1
                 out.append(head(s))
             else:
-                out.append(head(scale_grad(s, 1.0 / left, self.last_only)))
-                s = scale_grad(s, (left - 1) / left, self.last_only)
+                out.append(head(_scaled(s, sc[i, 0], self.last_only)))
+                s = _scaled(s, sc[i, 1], self.last_only)
         self._forwarded = True
         return out
 
