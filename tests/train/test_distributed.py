@@ -245,6 +245,8 @@ def _cases(slow: bool) -> list[tuple[str, list[str], float]]:
         return cases
     cases += [
         ("adaloss", [*base, "rule.name=adaloss"], 1e-4),
+        ("sdn", [*base, "rule.name=sdn"], 1e-4),
+        ("gradient_equilibrium", [*base, "rule.name=gradient-equilibrium"], 1e-4),
         ("osgd", [*base, "rule.name=osgd"], 1e-3),
         ("osgd_amortized", [*base, "rule.name=osgd", "rule.amortize=3"], 1e-3),
         ("osgd_per_tensor", [*base, "rule.name=osgd", "rule.mode=per_tensor", "rule.rescale=true"], 1e-3),
