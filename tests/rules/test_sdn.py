@@ -83,3 +83,13 @@ def test_docstring_example_runs():
 
     res = doctest.testmod(mod, extraglobs={"torch": torch})
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_total_follows_the_schedule_from_epoch_to_epoch():
+    rule = SDN(cap=0.6)
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    for epoch in range(3):
+        rule.on_epoch_start(epoch, 3)
+        tau = min(0.6, 0.01 + (epoch + 1) * 0.6 / 3)
+        for _ in range(2):  # the weights are cached within the epoch
+            assert rule.total(losses, None).item() == pytest.approx(tau * 1.0 + tau * 2.0 + 3.0)

@@ -65,6 +65,7 @@ class SDN(LossWeighting):
             raise ValueError(f"sdn: caps must be finite and >= 0, got {cap!r}")
         self.epoch = 0  # epochs started so far (SDN's e, counted from 1 inside an epoch)
         self.epochs = 1
+        self._w: tuple[tuple[Any, ...], Tensor] | None = None  # the current weights on the losses' device
 
     def caps(self, num_exits: int) -> list[float]:
         """The caps ``C_k`` of the ``num_exits − 1`` internal exits."""
@@ -91,8 +92,10 @@ class SDN(LossWeighting):
         self.epoch, self.epochs = epoch + 1, epochs
 
     def total(self, losses: Tensor, reduce: Reduce | None) -> Tensor:
-        w = torch.tensor(self.weights(losses.numel()), dtype=losses.dtype, device=losses.device)
-        return (w * losses).sum()
+        key = (self.epoch, self.epochs, losses.numel(), losses.dtype, losses.device)
+        if self._w is None or self._w[0] != key:  # once per epoch: no host-to-device copy in the other steps
+            self._w = (key, torch.tensor(self.weights(losses.numel()), dtype=losses.dtype, device=losses.device))
+        return (self._w[1] * losses).sum()
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "epochs": self.epochs}
