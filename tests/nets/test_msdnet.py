@@ -131,6 +131,8 @@ def test_imagenet_variant_matches_published_flops():
         ({"growth": 3, "scale_widths": [1, 1, 1]}, "even"),
         ({"scale_widths": [1, 2]}, "one entry per scale"),
         ({"reduction": 1.5}, "reduction"),
+        ({"bottleneck": "no"}, "bottleneck"),
+        ({"scale_widths": [1, 2.5, 4]}, "scale_widths"),
         ({"head_channels": 0}, "head_channels"),
         ({"stem": "tiny"}, "stem"),
         ({"in_shape": (1, 40)}, "shape"),

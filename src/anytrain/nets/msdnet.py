@@ -223,7 +223,7 @@ def _positive(name: str, v: int) -> int:
 
 
 def _widths(name: str, v: Sequence[int] | None, scales: int) -> list[int]:
-    w = [min(2**s, 4) for s in range(scales)] if v is None else [_positive(name, int(x)) for x in v]
+    w = [min(2**s, 4) for s in range(scales)] if v is None else [_positive(name, x) for x in v]
     if len(w) != scales:
         raise ValueError(f"msdnet: {name} needs one entry per scale ({scales}), got {list(w)}")
     return w
@@ -285,8 +285,10 @@ def msdnet(
             f"msdnet: growth·scale_width must be even on every scale after the first (two branches of half each), "
             f"got growth={growth}, scale_widths={gw}"
         )
-    if not 0.0 <= float(reduction) <= 1.0:
+    if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not 0.0 <= reduction <= 1.0:
         raise ValueError(f"msdnet: reduction must be in [0, 1], got {reduction!r}")
+    if not isinstance(bottleneck, bool):
+        raise ValueError(f"msdnet: bottleneck must be true or false, got {bottleneck!r}")
     head = d["head_channels"] if head_channels is None else head_channels
     if head != "input" and (isinstance(head, bool) or not isinstance(head, int) or head < 1):
         raise ValueError(f"msdnet: head_channels must be a positive integer or 'input', got {head!r}")
