@@ -26,6 +26,8 @@ RULE_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "joint": ("joint", {}),
     "weighted": ("weighted", {}),  # weights filled in per problem: one per exit
     "adaloss": ("adaloss", {}),
+    "sdn": ("sdn", {}),
+    "gradient-equilibrium": ("gradient-equilibrium", {}),
     "osgd": ("osgd", {}),
     "dgl": ("dgl", {}),
     "sgl": ("sgl", {}),
