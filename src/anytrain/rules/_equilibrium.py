@@ -40,7 +40,8 @@ class GradientEquilibrium(LossWeighting):
         ∇θ_i    =  1/(n−i) · Σ_{j ≥ i} ∇θ_i L_j           stage i's own parameters
         ∇φ_i    =  ∇φ_i L_i                                  head i: its own loss, unscaled
 
-    so the gradient magnitude of the early stages no longer grows with the number of exits behind them. The
+    (a parameter that several stages use, tied weights, gets the sum of these terms over its uses), so the
+    gradient magnitude of the early stages no longer grows with the number of exits behind them. The
     rescaled gradients are linear in the losses: averaging ``.grad`` over data-parallel ranks afterwards is exact,
     and any optimizer takes the result as it takes a plain gradient.
 
