@@ -68,6 +68,17 @@ def test_properties(K, P, rank, seed, dtype):
         assert int((U.norm(dim=1) > 0).sum()) == int(torch.linalg.matrix_rank(G64))
 
 
+def test_rounding_residual_after_nearly_dependent_rows_is_dropped():
+    # rank 2: g_1 and g_4 are nearly parallel (‖u_4‖/‖g_4‖ ≈ 0.018), so g_5's true residual (1e-12 of ‖g_5‖) is
+    # pure rounding of large cancelling terms; it must be dropped, as the rank says (found by hypothesis).
+    gen = torch.Generator().manual_seed(26)
+    G = torch.randn(8, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 26, generator=gen, dtype=torch.float64)
+    G[torch.rand(8, generator=gen) < 0.2] = 0.0
+    U = orthogonalize(G)
+    assert int((U.norm(dim=1) > 0).sum()) == int(torch.linalg.matrix_rank(G)) == 2
+    torch.testing.assert_close(U.sum(0), pinv_orthogonalize(G).sum(0), rtol=0, atol=1e-9 * G.norm(dim=1).max().item())
+
+
 def test_dependent_and_zero_rows_are_exact_zeros():
     for dtype in (torch.float32, torch.float64):
         g = torch.randn(3, 100, dtype=dtype)

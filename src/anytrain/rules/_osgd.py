@@ -59,7 +59,8 @@ def orthogonalize(G: Tensor, rtol: float | None = None) -> Tensor:
 
     Args:
         G: ``K×P`` per-exit gradients, earliest exit first (float32 or float64).
-        rtol: a residual with ``‖u_k‖ ≤ rtol·‖g_k‖`` is set to exactly zero (``g_k`` lies in the span of the
+        rtol: a residual with ``‖u_k‖ ≤ rtol·Σ_j |c_kj|·‖g_j‖`` (``u_k = Σ_j c_kj g_j``, ``c_kk = 1``; see
+            :func:`osgd_coefficients`) is set to exactly zero (``g_k`` lies in the span of the
             earlier rows); default ``sqrt(eps)`` of ``G``'s dtype, at least ``10·sqrt(eps)`` of float64.
 
     Returns:
@@ -90,7 +91,9 @@ def osgd_coefficients(gram: Tensor, rtol: float | None = None) -> tuple[Tensor, 
 
     Args:
         gram: ``…×K×K`` Gram matrices ``M = G Gᵀ`` (any batch of leading dimensions).
-        rtol: relative tolerance on ``‖u_k‖/‖g_k‖`` (a row with ``‖u_k‖² ≤ rtol²·M_kk`` becomes zero);
+        rtol: relative tolerance: a row with ``‖u_k‖ ≤ rtol·Σ_j |C_kj|·√M_jj`` becomes zero (the right side is
+            at least ``rtol·‖g_k‖``; it is the size of the terms that cancel in ``‖u_k‖²``, so the rounding
+            error of a residual formed from nearly dependent earlier rows is not mistaken for a new direction);
             default ``10·sqrt(eps)`` of ``gram``'s dtype, since forming ``M`` squares the condition number.
 
     Returns:
@@ -122,7 +125,11 @@ def osgd_coefficients(gram: Tensor, rtol: float | None = None) -> tuple[Tensor, 
                 ip = ((Ck @ M) * c.unsqueeze(-2)).sum(-1)  # <u_j, current row>, j < k
                 c = c - ((ip * inv[..., :k]).unsqueeze(-1) * Ck).sum(-2)
         nk = ((c.unsqueeze(-2) @ M).squeeze(-2) * c).sum(-1)
-        keep = nk > (tol * tol) * diag[..., k]
+        # ‖u_k‖² = cᵀMc is a sum of terms as large as (Σ_j |c_j|·‖g_j‖)²: its rounding error scales with that,
+        # not with ‖g_k‖², once earlier rows are nearly dependent (large coefficients). c_k = 1, so this is
+        # never below ‖g_k‖.
+        size = (c.abs() * diag.clamp_min(0).sqrt()).sum(-1)
+        keep = nk > (tol * size) ** 2
         C[..., k, :] = torch.where(keep.unsqueeze(-1), c, torch.zeros_like(c))
         sq[..., k] = torch.where(keep, nk, torch.zeros_like(nk))
         inv[..., k] = torch.where(keep, 1.0 / torch.where(keep, nk, torch.ones_like(nk)), torch.zeros_like(nk))
