@@ -1,21 +1,11 @@
-"""Run configuration: one typed dataclass per section, read from YAML (the safe loader below) and ``--set``.
+"""Run configuration: one typed, frozen ``kw_only`` dataclass per section, read from YAML and ``--set``.
 
-A run's config in YAML (the format of the ``config.yaml`` written into every run directory)::
-
-    seed: 0
-    data:      {name: mnist1d, data_dir: null, num_samples: null, batch_size: 128, eval_batch_size: 1000,
-                augment: true, val_size: auto, options: {}}          # options: the data set's own keywords
-    model:     {name: nested-width, ...}     # every key but name is a keyword of the model's builder
-    rule:      {name: osgd, ...}             # ... of the rule
-    optimizer: {name: sgd, lr: 0.4, momentum: 0.9, weight_decay: 5.0e-4, ...}   # ... of the optimizer
-    schedule:  {name: cosine, ...}           # ... of the schedule: none | step | cosine
-    train:     {epochs: 30, device: auto, ...}
-
-Each section is a ``kw_only`` dataclass checked in ``__post_init__`` (one-line ``ConfigError`` naming the key).
-``model``, ``rule``, ``optimizer`` and ``schedule`` are *named* sections: a ``name`` (the registered builder),
-typed fields for the keywords worth checking early (``optimizer.lr`` ...; ``None`` leaves the builder's default)
-and ``options``, the builder's other keywords, which the registry checks against the builder's signature when
-it builds. In YAML a named section stays flat (``{name: sgd, lr: 0.1, nesterov: true}``). See docs/config.md.
+``RunConfig`` holds ``seed`` and the sections ``data``, ``model``, ``rule``, ``optimizer``, ``schedule``, ``train``;
+each section checks itself in ``__post_init__`` (a one-line ``ConfigError`` naming the key). ``model``, ``rule``,
+``optimizer`` and ``schedule`` are *named* sections: ``name`` (a registered builder), typed fields for the
+keywords worth checking early (``None``: the builder's default) and ``options``, its other keywords. Their YAML
+form is flat (``optimizer: {name: sgd, lr: 0.1, nesterov: true}``), as in every run's ``config.yaml``. Layers
+(defaults, file, ``--set``) and the choice of a name are described in docs/config.md.
 """
 
 from __future__ import annotations
@@ -25,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -43,6 +33,9 @@ def _checked(
     for numbers, the range from ``lo`` to ``hi`` (ends included as ``lo_in``/``hi_in`` say). ``None`` passes
     where it is the default: unset in a named section (the builder's default), a value in ``data``."""
     return field(metadata={"check": (kind, lo, hi, lo_in, hi_in)}, **kw)
+
+
+S = TypeVar("S", bound="Section")
 
 
 def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
@@ -81,7 +74,7 @@ class Section:
             raise ConfigError(f"{self.key}.options must be a mapping of keyword arguments")
 
     @classmethod
-    def from_dict(cls, d: Any) -> Any:
+    def from_dict(cls: type[S], d: Any) -> S:
         """The section from its YAML form; an unknown key is refused, or in a named section is an option."""
         if not isinstance(d, dict):
             raise ConfigError(f"config section {cls.key!r} must be a mapping")
@@ -228,7 +221,7 @@ class RunConfig:
         if unknown:
             known = ", ".join(sorted({"seed", *_SECTIONS}))
             raise ConfigError(f"unknown config key {unknown[0]!r}; known here: {known}")
-        sections = {k: s.from_dict(d.get(k, {})) for k, s in _SECTIONS.items()}
+        sections: dict[str, Any] = {k: s.from_dict(d.get(k, {})) for k, s in _SECTIONS.items()}
         return cls(seed=d.get("seed", 0), **sections)
 
     def to_dict(self) -> dict[str, Any]:
@@ -382,19 +375,15 @@ RESUME_SETTINGS = (
 )
 
 
-def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The keys that differ between two configs (YAML form) and may not change on resume."""
-    return [k for k in changed_keys(old, new) if k not in RESUME_SETTINGS]
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two configs (a key present in only one of them counts)."""
+def resume_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs in YAML form (a key present in only one of them
+    counts) and which may not change on resume."""
     out: list[str] = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, f"{prefix}{k}.")
-        elif k not in old or k not in new or a != b or type(a) is not type(b):
+            out += resume_changes(a, b, f"{prefix}{k}.")
+        elif (k not in old or k not in new or a != b or type(a) is not type(b)) and prefix + k not in RESUME_SETTINGS:
             out.append(f"{prefix}{k}")
     return out
 
