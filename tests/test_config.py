@@ -109,7 +109,7 @@ def test_builders_check_options_against_their_signature(sets, msg):
     from anytrain.train import build_components
 
     with pytest.raises(ConfigError) as e:
-        build_components(load_config(None, sets))
+        build_components(load_config(None, ["data=synthetic", *sets]))
     assert str(e.value).startswith(msg), str(e.value)
 
 
