@@ -40,7 +40,7 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict[
     data = ["data.name=synthetic", "data.data_dir=null", "data.augment=false", "data.val_size=0"]
     data += ["data.options={shape: [3, 32, 32], num_classes: 10, n_train: 512, n_test: 64}"]
     cfg = load_config(ROOT / config, [*data, *overrides, "train.device=cuda", "train.tensorboard=false"])
-    bs = int(cfg["data"]["batch_size"])
+    bs = cfg.data.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp)
         tr.rule.on_epoch_start(0, tr.epochs)

@@ -123,7 +123,7 @@ def test_exponent_floats_are_numbers(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("optimizer: {name: adam, lr: 1e-3, weight_decay: 5e-4}\n")
     cfg = load_config(cfg_file, ["schedule.warmup_epochs=0"])
-    assert cfg["optimizer"]["lr"] == pytest.approx(1e-3) and cfg["optimizer"]["weight_decay"] == pytest.approx(5e-4)
+    assert cfg.optimizer.lr == pytest.approx(1e-3) and cfg.optimizer.weight_decay == pytest.approx(5e-4)
 
 
 def test_dgl_parallel_subcommand_is_wired(capsys):

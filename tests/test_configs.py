@@ -18,11 +18,10 @@ def test_config_resolves(path):
     from anytrain.rules import build_rule
 
     cfg = load_config(path)
-    shape = {"mnist1d": (1, 40), "digits": (1, 8, 8), "synthetic": (1, 16)}.get(cfg["data"]["name"], (3, 32, 32))
-    classes = 100 if cfg["data"]["name"] == "cifar100" else 10
-    kw = {k: v for k, v in cfg["model"].items() if k != "name"}
-    net = build_model(cfg["model"]["name"], in_shape=shape, num_classes=classes, **kw)
-    rule = build_rule(cfg["rule"]["name"], **{k: v for k, v in cfg["rule"].items() if k != "name"})
+    shape = {"mnist1d": (1, 40), "digits": (1, 8, 8), "synthetic": (1, 16)}.get(cfg.data.name, (3, 32, 32))
+    classes = 100 if cfg.data.name == "cifar100" else 10
+    net = build_model(cfg.model.name, in_shape=shape, num_classes=classes, **cfg.model.kwargs())
+    rule = build_rule(cfg.rule.name, **cfg.rule.kwargs())
     rule.bind(net)
-    okw = {k: v for k, v in cfg["optimizer"].items() if k != "name"}
-    rule.make_optimizer(net, lambda m, ps: build_optimizer(cfg["optimizer"]["name"], m, ps, **okw))
+    o = cfg.optimizer
+    rule.make_optimizer(net, lambda m, ps: build_optimizer(o.name, m, ps, **o.kwargs()))

@@ -282,7 +282,7 @@ def test_finished_run_refused_unless_overwrite(tmp_path, capsys):
     (out / "marker").unlink()
     # ... and a valid one replaces it, leaving no staging directory behind
     assert main(["train", *small, "--set", "seed=5", "--out", str(out), "--overwrite"]) == 0
-    assert load_config(out / "config.yaml")["seed"] == 5 and (out / "metrics.json").is_file()
+    assert load_config(out / "config.yaml").seed == 5 and (out / "metrics.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -715,7 +715,7 @@ def test_resume_accepts_settings_that_do_not_change_the_math(tmp_path, capsys, r
     argv = ["train", "--resume", str(live), "--set", "train.log_every=3", "--set", "data.eval_batch_size=7"]
     assert main(argv) == 0
     cfg = load_config(live / "config.yaml")
-    assert cfg["train"]["log_every"] == 3 and cfg["data"]["eval_batch_size"] == 7  # recorded, and in effect
+    assert cfg.train.log_every == 3 and cfg.data.eval_batch_size == 7  # recorded, and in effect
 
 
 def test_tensorboard_keeps_the_checkpoint_step_after_resume(tmp_path, monkeypatch):
@@ -835,14 +835,14 @@ VALUES = st.one_of(
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(key=st.sampled_from(sorted(ORACLE)), value=VALUES)
 def test_validator_agrees_with_oracle(key, value):
-    from anytrain.config import validate
+    from anytrain.config import RunConfig
     from anytrain.registry import ConfigError
 
-    cfg = load_config(None)
+    cfg = load_config(None).to_dict()
     sec, _, name = key.rpartition(".")
     (cfg[sec] if sec else cfg)[name] = value
     try:
-        validate(cfg)
+        RunConfig.from_dict(cfg)
         accepted = True
     except ConfigError as e:
         accepted = False

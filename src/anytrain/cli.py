@@ -7,9 +7,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anytrain.registry import ConfigError
+
+if TYPE_CHECKING:
+    from anytrain.config import RunConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -63,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from anytrain.train import distributed as dp
 
     # Launched by torchrun (WORLD_SIZE > 1): join the process group; every rank runs this same function.
-    ctx = dp.init_from_env(str(cfg["train"]["device"]))
+    ctx = dp.init_from_env(cfg.train.device)
     try:
         code = _train_run(cfg, out, args, ctx)
         if code == 0:
@@ -73,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dp.shutdown()
 
 
-def _train_run(cfg: dict[str, Any], out: Path, args: argparse.Namespace, ctx: Any) -> int:
+def _train_run(cfg: RunConfig, out: Path, args: argparse.Namespace, ctx: Any) -> int:
     import torch
 
     from anytrain.train import distributed as dp
@@ -114,10 +117,10 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def _wants_cuda(cfg: dict[str, Any]) -> bool:
+def _wants_cuda(cfg: RunConfig) -> bool:
     import torch
 
-    dev = str(cfg["train"]["device"])
+    dev = cfg.train.device
     return dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
 
 

@@ -1,16 +1,11 @@
-"""Run configuration: defaults, YAML loading (``yaml.safe_load``), ``--set key=value`` overrides, validation.
+"""Run configuration: one typed, frozen ``kw_only`` dataclass per section, read from YAML and ``--set``.
 
-A config is a nested dict with these sections (anything under ``model``, ``rule``, ``optimizer``,
-``schedule`` other than ``name`` is passed as a keyword argument to the builder)::
-
-    seed: 0
-    data:      {name: mnist1d, data_dir: null, num_samples: null, batch_size: 128, augment: true, val_size: auto,
-                options: {}}
-    model:     {name: cnn1d-exits, ...builder kwargs}
-    rule:      {name: joint, ...rule kwargs}
-    optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 5.0e-4, ...}
-    schedule:  {name: cosine, ...}          # none | step (milestones, gamma) | cosine; warmup_epochs
-    train:     {epochs: 30, device: auto, ...}
+``RunConfig`` holds ``seed`` and the sections ``data``, ``model``, ``rule``, ``optimizer``, ``schedule``, ``train``;
+each section checks itself in ``__post_init__`` (a one-line ``ConfigError`` naming the key). ``model``, ``rule``,
+``optimizer`` and ``schedule`` are *named* sections: ``name`` (a registered builder), typed fields for the
+keywords worth checking early (``None``: the builder's default) and ``options``, its other keywords. Their YAML
+form is flat (``optimizer: {name: sgd, lr: 0.1, nesterov: true}``), as in every run's ``config.yaml``. Layers
+(defaults, file, ``--set``) and the choice of a name are described in docs/config.md.
 """
 
 from __future__ import annotations
@@ -18,62 +13,223 @@ from __future__ import annotations
 import copy
 import math
 import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 from anytrain.registry import ConfigError
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "data": {
-        "name": "mnist1d",
-        "data_dir": None,
-        "num_samples": None,
-        "batch_size": 128,
-        "eval_batch_size": 1000,
-        "augment": True,
-        "val_size": "auto",  # validation carved from the training set: auto (min(10 %, 5000)), count, fraction
-        "options": {},  # data-set-specific keyword arguments (e.g. label_mode: coarse for cifar100)
-    },
-    "model": {"name": "nested-width"},  # 4 stages, width 8 doubling per stage (the builder's defaults)
-    "rule": {"name": "osgd"},
-    "optimizer": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 5.0e-4},
-    "schedule": {"name": "cosine"},
-    "train": {
-        "epochs": 30,
-        "device": "auto",
-        "log_every": 20,
-        "checkpoint_every": 1,
-        "threads": 0,
-        "progress": True,
-        "tensorboard": True,
-        "plots": True,
-        "label_smoothing": 0.0,
-    },
+SEED_LIMIT = 2**32  # seeds feed numpy/torch generators (and derived per-rank streams): keep them 32-bit
+_INT64 = 2**63
+_INF = math.inf
+
+
+def _checked(
+    kind: type, lo: float = -_INF, hi: float = _INF, lo_in: bool = True, hi_in: bool = False, **kw: Any
+) -> Any:
+    """A dataclass field whose value ``__post_init__`` checks: ``kind`` (int, float: any number, bool, str) and,
+    for numbers, the range from ``lo`` to ``hi`` (ends included as ``lo_in``/``hi_in`` say). ``None`` passes
+    where it is the default: unset in a named section (the builder's default), a value in ``data``."""
+    return field(metadata={"check": (kind, lo, hi, lo_in, hi_in)}, **kw)
+
+
+S = TypeVar("S", bound="Section")
+
+
+def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+    if hi == _INF:
+        return f"{'>=' if lo_in else '>'} {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def _check_value(key: str, v: Any, kind: type, lo: float, hi: float, lo_in: bool, hi_in: bool) -> None:
+    if kind is bool or kind is str:
+        if not isinstance(v, kind):
+            what = "true or false" if kind is bool else "a string"
+            raise ConfigError(f"{key} must be {what}, got {v!r}")
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if kind is int and not isinstance(v, int):
+        raise ConfigError(f"{key} must be an integer, got {v!r}")
+    if v < lo or (v == lo and not lo_in) or v > hi or (v == hi and not hi_in):
+        raise ConfigError(f"{key} must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class Section:
+    """A config section; subclasses list its keys as fields. ``key`` is the section's name in the config."""
+
+    key: ClassVar[str]
+    named: ClassVar[bool] = False  # flat YAML: keys that are not fields go to ``options`` (the builder's keywords)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v, check = getattr(self, f.name), f.metadata.get("check")
+            if check and not (v is None and f.default is None):
+                _check_value(f"{self.key}.{f.name}", v, *check)
+        if not isinstance(getattr(self, "options", {}), dict):
+            raise ConfigError(f"{self.key}.options must be a mapping of keyword arguments")
+
+    @classmethod
+    def from_dict(cls: type[S], d: Any) -> S:
+        """The section from its YAML form; an unknown key is refused, or in a named section is an option."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config section {cls.key!r} must be a mapping")
+        known = {f.name: f for f in fields(cls) if not (cls.named and f.name == "options")}
+        unknown = [k for k in d if k not in known]
+        if unknown and not cls.named:
+            raise ConfigError(f"unknown config key '{cls.key}.{unknown[0]}'; known here: {', '.join(sorted(known))}")
+        d = copy.deepcopy(d)
+        kw = {k: v for k, v in d.items() if k in known}
+        if cls.named:  # here ``null`` is no value: a typed field that is unset means the builder's default
+            for k, v in [("name", d.get("name")), *kw.items()]:
+                if v is None and "check" in known[k].metadata:
+                    _check_value(f"{cls.key}.{k}", v, *known[k].metadata["check"])
+            kw["options"] = {k: d[k] for k in unknown}
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as written in YAML (a named section flat, without its unset fields)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        if self.named:
+            out = {k: v for k, v in out.items() if v is not None and k != "options"} | out["options"]
+        return out
+
+
+@dataclass(kw_only=True, frozen=True)
+class NamedSection(Section):
+    """A section that names a registered builder; ``kwargs()`` are the keywords it is called with."""
+
+    named: ClassVar[bool] = True
+    name: str = _checked(str)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The builder's keyword arguments: the typed fields that are set, then ``options``."""
+        return {k: v for k, v in self.to_dict().items() if k != "name"}
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig(Section):
+    """``data``: which data set, its splits and batches. ``options``: the data set's own keywords."""
+
+    key = "data"
+    name: str = _checked(str, default="mnist1d")
+    data_dir: str | None = _checked(str, default=None)
+    num_samples: int | None = _checked(int, 0, lo_in=False, default=None)
+    batch_size: int = _checked(int, 0, lo_in=False, default=128)
+    eval_batch_size: int = _checked(int, 0, lo_in=False, default=1000)
+    augment: bool = _checked(bool, default=True)
+    # validation carved from the training set: auto (min(10 %, 5000)), a count or a fraction (checked on load)
+    val_size: int | float | str | None = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelConfig(NamedSection):
+    """``model``: a registered network builder (``anytrain list models``) and its keywords."""
+
+    key = "model"
+    width: int | None = _checked(int, 0, lo_in=False, default=None)
+    exits: int | None = _checked(int, 0, lo_in=False, default=None)
+
+
+@dataclass(kw_only=True, frozen=True)
+class RuleConfig(NamedSection):
+    """``rule``: a registered gradient rule (``osgd``, ``torchjd:UPGrad``, ...) and its keywords."""
+
+    key = "rule"
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimizerConfig(NamedSection):
+    """``optimizer``: a registered optimizer or any ``torch.optim`` class name, and its keywords."""
+
+    key = "optimizer"
+    lr: float | None = _checked(float, 0, lo_in=False, default=None)
+    momentum: float | None = _checked(float, 0, 1, default=None)
+    weight_decay: float | None = _checked(float, 0, default=None)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ScheduleConfig(NamedSection):
+    """``schedule``: the learning-rate schedule (``none``, ``step``, ``cosine``), stepped every training step."""
+
+    key = "schedule"
+    warmup_epochs: float | None = _checked(float, 0, default=None)
+    final_factor: float | None = _checked(float, 0, 1, hi_in=True, default=None)
+    gamma: float | None = _checked(float, 0, lo_in=False, default=None)
+    milestones: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ms = self.milestones
+        if ms is not None and (
+            not isinstance(ms, list) or not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in ms)
+        ):
+            raise ConfigError(f"schedule.milestones must be a list of epochs (numbers), got {ms!r}")
+        if ms and min(ms) < 0:
+            raise ConfigError(f"schedule.milestones must be >= 0, got {ms!r}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig(Section):
+    """``train``: the loop's length, device and reporting."""
+
+    key = "train"
+    epochs: int = _checked(int, 0, lo_in=False, default=30)
+    device: str = _checked(str, default="auto")
+    log_every: int = _checked(int, 0, lo_in=False, default=20)
+    checkpoint_every: int = _checked(int, 0, lo_in=False, default=1)
+    threads: int = _checked(int, 0, default=0)  # 0: torch's default
+    progress: bool = _checked(bool, default=True)
+    tensorboard: bool = _checked(bool, default=True)
+    plots: bool = _checked(bool, default=True)
+    label_smoothing: float = _checked(float, 0, 1, default=0.0)
+
+
+_SECTIONS: dict[str, type[Section]] = {
+    s.key: s for s in (DataConfig, ModelConfig, RuleConfig, OptimizerConfig, ScheduleConfig, TrainConfig)
 }
 
-# Sections whose keys are free-form builder kwargs (only ``name`` is required).
-_OPEN_SECTIONS = {"model", "rule", "optimizer", "schedule", "data.options"}
+
+@dataclass(kw_only=True, frozen=True)
+class RunConfig:
+    """A whole run's config; the defaults are the default run (MNIST-1D, a width-nested anytime CNN, OSGD)."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="nested-width"))
+    rule: RuleConfig = field(default_factory=lambda: RuleConfig(name="osgd"))
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(name="sgd", lr=0.4, momentum=0.9, weight_decay=5.0e-4)
+    )
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="cosine"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check_value("seed", self.seed, int, 0, SEED_LIMIT, True, False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """A complete config (every section present, e.g. a merged one) from its YAML form; checks everything."""
+        _check_tree(d, "", set())
+        unknown = sorted(set(d) - {"seed", *_SECTIONS})
+        if unknown:
+            known = ", ".join(sorted({"seed", *_SECTIONS}))
+            raise ConfigError(f"unknown config key {unknown[0]!r}; known here: {known}")
+        sections: dict[str, Any] = {k: s.from_dict(d.get(k, {})) for k, s in _SECTIONS.items()}
+        return cls(seed=d.get("seed", 0), **sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (what ``config.yaml`` holds)."""
+        return {"seed": self.seed, **{k: getattr(self, k).to_dict() for k in _SECTIONS}}
 
 
-def _merge(base: dict[str, Any], new: dict[str, Any], path: str = "") -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in new.items():
-        where = f"{path}{k}"
-        if k not in out and path.rstrip(".") not in _OPEN_SECTIONS:  # data.options is open too
-            known = ", ".join(sorted(out))
-            raise ConfigError(f"unknown config key {where!r}; known here: {known}")
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            if "name" in v and out[k].get("name") != v["name"] and k in _OPEN_SECTIONS:
-                out[k] = {}  # a different builder: drop the old builder's kwargs
-            out[k] = _merge(out[k], v, f"{where}.")
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
+# ---- reading: YAML files and --set overrides -------------------------------------------------------------------
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads ``1e-3`` / ``5E+4`` as floats.
 
@@ -100,11 +256,6 @@ _Loader.add_implicit_resolver(
 def safe_load(text: str) -> Any:
     """``yaml.safe_load`` with YAML 1.2 style floats (``1e-3`` is a number)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
-
-
-def builder_kwargs(section: dict[str, Any]) -> dict[str, Any]:
-    """A config section's keyword arguments for its builder: everything but ``name``."""
-    return {k: v for k, v in section.items() if k != "name"}
 
 
 def parse_value(text: str) -> Any:
@@ -152,30 +303,62 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides; validated."""
-    cfg = copy.deepcopy(DEFAULTS)
+def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` over ``base``, mapping by mapping."""
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _shorthand(d: dict[str, Any]) -> dict[str, Any]:
+    """``section: NAME`` means ``section: {name: NAME}`` for the sections that have a name."""
+    return {k: v if k not in _SECTIONS or k == "train" or isinstance(v, dict) else {"name": v} for k, v in d.items()}
+
+
+def _layer(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """One layer of settings (a config file, or all ``--set`` overrides together) over ``base``.
+
+    ``section: NAME`` is short for ``section: {name: NAME}`` (Hydra's ``rule=osgd``). A layer that changes a
+    section's ``name`` starts that section afresh from the layer: the options of the previous model, rule,
+    optimizer or schedule (``data.options`` of the previous data set) are meant for it only and are dropped;
+    the layer's own keys are kept whatever their order, and the generic ``data`` keys stay.
+    """
+    out = dict(base)
+    for k, v in _shorthand(layer).items():
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict) and "name" in v and v["name"] != old.get("name"):
+            out[k] = old = {**old, "options": {}} if k == "data" else {}
+        out[k] = _merge(old, v) if isinstance(v, dict) and isinstance(old, dict) else v
+    return out
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """``--set key.sub=value`` items as one nested mapping (later items win)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set expects a dotted key such as optimizer.lr, got {key!r}")
+        value = parse_value(raw)
+        for part in reversed(parts):
+            value = {part: value}
+        out = _merge(out, _shorthand(value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The defaults, then the YAML file at ``path``, then the ``--set`` overrides; checked."""
     try:
+        cfg = RunConfig().to_dict()
         if path is not None:
-            cfg = _merge(cfg, read_config_file(path))
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"--set expects key=value, got {item!r}")
-            key, _, raw = item.partition("=")
-            parts = key.strip().split(".")
-            if not all(parts):
-                raise ConfigError(f"--set expects a dotted key such as optimizer.lr, got {key!r}")
-            nested: dict[str, Any] = {}
-            cur = nested
-            for part in parts[:-1]:
-                cur[part] = {}
-                cur = cur[part]
-            cur[parts[-1]] = parse_value(raw)
-            cfg = _merge(cfg, nested)
-        validate(cfg)
+            cfg = _layer(cfg, read_config_file(path))
+        return RunConfig.from_dict(_layer(cfg, _overrides(overrides or [])))
     except RecursionError:  # a YAML alias that refers to itself
         raise ConfigError("the config refers to itself (a recursive YAML alias) or is nested too deeply") from None
-    return cfg
 
 
 # Settings that may change on ``--resume`` because they do not change what is computed (where it runs, how it is
@@ -192,27 +375,20 @@ RESUME_SETTINGS = (
 )
 
 
-def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The keys that differ between a run's config and ``new`` and may not change on resume."""
-    return [k for k in changed_keys(old, new) if k not in RESUME_SETTINGS]
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two configs (a key present in only one of them counts)."""
+def resume_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs in YAML form (a key present in only one of them
+    counts) and which may not change on resume."""
     out: list[str] = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, f"{prefix}{k}.")
-        elif k not in old or k not in new or a != b or type(a) is not type(b):
+            out += resume_changes(a, b, f"{prefix}{k}.")
+        elif (k not in old or k not in new or a != b or type(a) is not type(b)) and prefix + k not in RESUME_SETTINGS:
             out.append(f"{prefix}{k}")
     return out
 
 
-# ---- validation ------------------------------------------------------------------------------------------------
 _PLAIN = (str, int, float, bool, type(None))
-SEED_LIMIT = 2**32  # seeds feed numpy/torch generators (and derived per-rank streams): keep them 32-bit
-_INT64 = 2**63
 
 
 def _check_tree(obj: Any, where: str, seen: set[int]) -> None:
@@ -238,88 +414,10 @@ def _check_tree(obj: Any, where: str, seen: set[int]) -> None:
         raise ConfigError(f"{where} is out of range ({obj}); integers must fit in 64 bits")
 
 
-# Typed keys: (kind, lower, upper, lower included, upper included); kind is int, float (any number), bool or str.
-# Keys of the open sections are checked only when present (the builders check the rest of their keywords).
-_INF = math.inf
-_SPEC: dict[str, tuple[type, float, float, bool, bool]] = {
-    "seed": (int, 0, SEED_LIMIT, True, False),
-    "data.name": (str, 0, 0, True, True),
-    "data.data_dir": (str, 0, 0, True, True),
-    "data.batch_size": (int, 0, _INF, False, False),
-    "data.eval_batch_size": (int, 0, _INF, False, False),
-    "data.num_samples": (int, 0, _INF, False, False),
-    "data.augment": (bool, 0, 0, True, True),
-    "train.epochs": (int, 0, _INF, False, False),
-    "train.device": (str, 0, 0, True, True),
-    "train.log_every": (int, 0, _INF, False, False),
-    "train.checkpoint_every": (int, 0, _INF, False, False),
-    "train.threads": (int, 0, _INF, True, False),  # 0: torch's default
-    "train.progress": (bool, 0, 0, True, True),
-    "train.tensorboard": (bool, 0, 0, True, True),
-    "train.plots": (bool, 0, 0, True, True),
-    "train.label_smoothing": (float, 0, 1, True, False),
-    "model.width": (int, 0, _INF, False, False),
-    "model.exits": (int, 0, _INF, False, False),
-    "optimizer.lr": (float, 0, _INF, False, False),
-    "optimizer.momentum": (float, 0, 1, True, False),
-    "optimizer.weight_decay": (float, 0, _INF, True, False),
-    "schedule.warmup_epochs": (float, 0, _INF, True, False),
-    "schedule.final_factor": (float, 0, 1, True, True),
-    "schedule.gamma": (float, 0, _INF, False, False),
-}
-_NULLABLE = {"data.data_dir", "data.num_samples"}
-
-
-def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
-    if hi == _INF:
-        return f"{'>=' if lo_in else '>'} {lo}"
-    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
-
-
-def _check_value(key: str, v: Any, kind: type, lo: float, hi: float, lo_in: bool, hi_in: bool) -> None:
-    if kind is bool or kind is str:
-        if not isinstance(v, kind):
-            what = "true or false" if kind is bool else "a string"
-            raise ConfigError(f"{key} must be {what}, got {v!r}")
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    if kind is int and not isinstance(v, int):
-        raise ConfigError(f"{key} must be an integer, got {v!r}")
-    if v < lo or (v == lo and not lo_in) or v > hi or (v == hi and not hi_in):
-        raise ConfigError(f"{key} must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
-
-
-def validate(cfg: dict[str, Any]) -> None:
-    """Check a merged config; raises a one-line ``ConfigError`` naming the first bad key."""
-    _check_tree(cfg, "", set())
-    for sec in ("data", "model", "rule", "optimizer", "schedule", "train"):
-        if not isinstance(cfg.get(sec), dict):
-            raise ConfigError(f"config section {sec!r} must be a mapping")
-    if not isinstance(cfg["data"].get("options"), dict):
-        raise ConfigError("data.options must be a mapping of data-set keyword arguments")
-    for sec in ("model", "rule", "optimizer", "schedule"):
-        if not isinstance(cfg[sec].get("name"), str):
-            raise ConfigError(f"{sec}.name must be a string")
-    for key, spec in _SPEC.items():
-        sec, _, name = key.rpartition(".")
-        where = cfg[sec] if sec else cfg
-        if name not in where or (where[name] is None and key in _NULLABLE):
-            continue
-        _check_value(key, where[name], *spec)
-    ms = cfg["schedule"].get("milestones")
-    if ms is not None and (
-        not isinstance(ms, list) or not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in ms)
-    ):
-        raise ConfigError(f"schedule.milestones must be a list of epochs (numbers), got {ms!r}")
-    if ms and min(ms) < 0:
-        raise ConfigError(f"schedule.milestones must be >= 0, got {ms!r}")
-
-
 # The first line of every config.yaml anytrain writes into a run directory: how a run directory is recognized
 # (``--resume``, ``--overwrite``), so that a user's own folder with a config.yaml in it is never taken for one.
 RUN_HEADER = "# anytrain run: the fully resolved config of this run directory"
 
 
-def dump_config(cfg: dict[str, Any]) -> str:
-    return f"{RUN_HEADER}\n{yaml.safe_dump(cfg, sort_keys=False)}"
+def dump_config(cfg: RunConfig) -> str:
+    return f"{RUN_HEADER}\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}"

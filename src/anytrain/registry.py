@@ -6,7 +6,9 @@ lists the known names, so the CLI can print it as is.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -14,6 +16,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class ConfigError(ValueError):
     """Bad user input (config value, name, path). The message is one line meant for the user."""
+
+
+@contextmanager
+def as_config_error(what: str) -> Iterator[None]:
+    """Report a ``TypeError``/``ValueError`` raised while building ``what`` from a config (a bad keyword or value)
+    as a one-line ``ConfigError`` that starts with ``what``: the one place this translation is written."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConfigError(msg if msg.startswith(what) else f"{what}: {msg}") from None
 
 
 class Registry(Generic[F]):
@@ -40,6 +55,20 @@ class Registry(Generic[F]):
         if key not in self._items:
             raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}")
         return self._items[key]
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the factory registered as ``name``. A keyword its signature does not take, or any
+        ``TypeError``/``ValueError`` it raises, is a one-line ``ConfigError`` starting with ``<kind> '<name>'``."""
+        fn, what = self.get(name), f"{self.kind} {name!r}"
+        params = list(inspect.signature(fn).parameters.values())
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            allowed = [p.name for p in params[len(args) :] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            unknown = sorted(set(kwargs) - set(allowed))
+            if unknown:
+                rest = ", ".join(k for k in allowed if k not in kwargs) or "none"
+                raise ConfigError(f"{what}: unknown option(s) {', '.join(unknown)}; allowed: {rest}")
+        with as_config_error(what):
+            return fn(*args, **kwargs)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._items

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from anytrain.config import load_config
+from anytrain.config import RunConfig, load_config
 from anytrain.train import Trainer, TrainingDiverged, build_components, load_checkpoint, save_checkpoint
 from anytrain.train.checkpoint import CheckpointError
 
@@ -26,7 +26,7 @@ FAST = [
 ]
 
 
-def fast_cfg(*extra: str) -> dict:
+def fast_cfg(*extra: str) -> RunConfig:
     return load_config(None, FAST + list(extra))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -135,17 +134,10 @@ def load_dataset(
         >>> b.x_train.shape, b.x_val.shape, b.num_classes
         (torch.Size([58, 1, 16]), torch.Size([6, 1, 16]), 4)
     """
-    builder = DATASETS.get(name)
-    params = inspect.signature(builder).parameters
-    allowed = sorted(k for k in params if k not in ("data_dir", "seed", "num_samples", "augment"))
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        raise ConfigError(
-            f"data set {name!r}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}"
-        )
     if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) <= 0):
         raise ConfigError(f"data set {name!r}: num_samples must be a positive integer, got {num_samples!r}")
-    bundle = builder(
+    bundle = DATASETS.build(
+        name,
         data_dir=data_dir,
         seed=int(seed),
         num_samples=None if num_samples is None else int(num_samples),

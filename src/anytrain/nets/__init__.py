@@ -12,9 +12,10 @@ MODELS: Registry = Registry("model")
 
 
 def build_model(name: str, **kwargs: Any) -> StagedNet:
-    """Build a registered model. Builders take ``in_shape`` and ``num_classes`` plus their own options."""
+    """Build a registered model. Builders take ``in_shape`` and ``num_classes`` plus their own options; a bad
+    option is a one-line ``ConfigError``."""
     _load_builders()
-    return MODELS.get(name)(**kwargs)
+    return MODELS.build(name, **kwargs)
 
 
 def _load_builders() -> None:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anytrain.registry import ConfigError, Registry
+from anytrain.registry import Registry
 
 HEADS: Registry = Registry("head")
 
@@ -210,11 +210,7 @@ def make_head(kind: str, channels: int, num_classes: int, dims: int, **kw: Any) 
         raise ValueError(f"head needs channels >= 1 and num_classes >= 1, got {channels}, {num_classes}")
     if dims not in (0, 1, 2):
         raise ValueError(f"heads support 0-, 1- or 2-D feature maps, got dims={dims}")
-    builder = HEADS.get(kind)
-    try:
-        return builder(int(channels), int(num_classes), int(dims), **kw)
-    except TypeError as e:  # unknown keyword
-        raise ConfigError(f"head {kind!r}: {e}") from None
+    return HEADS.build(kind, int(channels), int(num_classes), int(dims), **kw)
 
 
 def head_macs(head: nn.Module, feature_shape: Sequence[int]) -> int:

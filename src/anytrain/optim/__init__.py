@@ -15,7 +15,7 @@ from torch import nn
 
 from anytrain.optim.curvature import CurvatureCorrected
 from anytrain.optim.slbi import SLBI, slbi_param_groups
-from anytrain.registry import ConfigError, Registry
+from anytrain.registry import ConfigError, Registry, as_config_error
 
 __all__ = ["OPTIMIZERS", "SLBI", "CurvatureCorrected", "build_optimizer"]
 
@@ -80,14 +80,10 @@ def build_optimizer(
     if params is None:
         params = [p for p in net.parameters() if p.requires_grad]
     if name in OPTIMIZERS:
-        factory = OPTIMIZERS.get(name)
-    else:
-        cls = _torch_optimizer(name)
-        if cls is None:
-            known = ", ".join(OPTIMIZERS)
-            raise ConfigError(f"unknown optimizer {name!r}; known: {known} (or any torch.optim class name)")
-        factory = lambda net, ps, **kw: cls(ps, **kw)  # noqa: E731
-    try:
-        return factory(net, params, **hparams)
-    except TypeError as e:  # unknown keyword
-        raise ValueError(f"optimizer {name!r}: {e}") from None
+        return OPTIMIZERS.build(name, net, params, **hparams)
+    cls = _torch_optimizer(name)
+    if cls is None:
+        known = ", ".join(OPTIMIZERS)
+        raise ConfigError(f"unknown optimizer {name!r}; known: {known} (or any torch.optim class name)")
+    with as_config_error(f"optimizer {name!r}"):
+        return cls(params, **hparams)

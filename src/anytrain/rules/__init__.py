@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from anytrain.registry import Registry
+from anytrain.registry import Registry, as_config_error
 from anytrain.rules._base import GradientRule, GradientWeighting, LossWeighting, scalar_losses
 from anytrain.rules._equilibrium import GradientEquilibrium
 from anytrain.rules._functional import backward
@@ -45,11 +45,14 @@ RULES.register("torchjd:", "a TorchJD aggregator over the per-exit gradients (to
 
 
 def build_rule(name: str, **kwargs: Any) -> GradientRule:
-    """Build a rule by name. Names of the form ``torchjd:<Aggregator>`` use a TorchJD aggregator."""
+    """Build a rule by name (a bad option is a one-line ``ConfigError``). Names of the form
+    ``torchjd:<Aggregator>`` use a TorchJD aggregator."""
     if ":" in name:
         prefix, _, rest = name.partition(":")
-        return RULES.get(prefix + ":")(rest, **kwargs)
-    return RULES.get(name)(**kwargs)
+        factory = RULES.get(prefix + ":")
+        with as_config_error(f"rule {name!r}"):
+            return factory(rest, **kwargs)
+    return RULES.build(name, **kwargs)
 
 
 _LAZY = ("OSGDAggregator", "OSGDWeighting", "TorchJDRule", "aggregator_names")

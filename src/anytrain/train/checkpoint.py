@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from anytrain.config import RUN_HEADER
+from anytrain.config import RUN_HEADER, RunConfig
 from anytrain.registry import ConfigError
 
 CHECKPOINT_FORMAT = "anytrain-checkpoint-v1"
@@ -173,14 +173,14 @@ def check_resumable(run: Path) -> None:
         raise ConfigError(f"{run} already holds a finished run (metrics.json); nothing to resume")
 
 
-def resume_config(run: Path, overrides: list[str]) -> dict[str, Any]:
+def resume_config(run: Path, overrides: list[str]) -> RunConfig:
     """The config to continue ``run`` with: its config.yaml plus ``overrides``, which may change only the
     settings in ``RESUME_SETTINGS`` (a one-line ``ConfigError`` names any other)."""
     from anytrain.config import RESUME_SETTINGS, load_config, resume_changes
 
     check_resumable(run)
     cfg = load_config(run / "config.yaml", overrides)
-    changed = resume_changes(load_config(run / "config.yaml"), cfg)
+    changed = resume_changes(load_config(run / "config.yaml").to_dict(), cfg.to_dict())
     if changed:
         raise ConfigError(
             f"--set {changed[0]} on --resume would change the run half-way; a resumed run may change only "

@@ -66,7 +66,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anytrain.config import builder_kwargs
+from anytrain.config import RunConfig
 from anytrain.greedy.buffer import ReplayBuffer
 from anytrain.nets.modules import module_forward, module_parameters
 from anytrain.registry import ConfigError
@@ -123,7 +123,7 @@ def _peak_rss_mb() -> float:
 class RankModule:
     """Module ``rank`` of the config's network, its optimizer and schedule, and the shapes it exchanges."""
 
-    def __init__(self, cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, rank: int, world: int, device: torch.device) -> None:
         from anytrain.data import BatchLoader
         from anytrain.optim import build_optimizer
         from anytrain.rules import build_rule
@@ -132,13 +132,13 @@ class RankModule:
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         # Same construction order as the trainer (data, then seed, then model) so the weights start equal.
-        d = cfg["data"]
+        d = cfg.data
         data = data_from_config(cfg)
-        torch.manual_seed(cfg["seed"])
+        torch.manual_seed(cfg.seed)
         net = model_from_config(cfg, data)
-        rule = build_rule(cfg["rule"]["name"], **builder_kwargs(cfg["rule"]))
+        rule = build_rule(cfg.rule.name, **cfg.rule.kwargs())
         if getattr(rule, "name", "") != "dgl":
-            raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg['rule']['name']!r}")
+            raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg.rule.name!r}")
         rule.bind(net)
         part = getattr(rule, "partition", None)
         assert part is not None
@@ -152,20 +152,20 @@ class RankModule:
         self.loader = BatchLoader(
             data.x_train,
             data.y_train,
-            d["batch_size"],
+            d.batch_size,
             shuffle=True,
-            seed=cfg["seed"],
-            augment=data.augment if d.get("augment", True) else None,
+            seed=cfg.seed,
+            augment=data.augment if d.augment else None,
             drop_last=True,
             device=device,
         )
         if len(self.loader) == 0:
-            raise ConfigError(f"data.batch_size={d['batch_size']} exceeds the {len(data.y_train)} training samples")
+            raise ConfigError(f"data.batch_size={d.batch_size} exceeds the {len(data.y_train)} training samples")
         self.data = data if rank == 0 else None
-        self.batch = int(d["batch_size"])
-        self.epochs = int(cfg["train"]["epochs"])
+        self.batch = d.batch_size
+        self.epochs = cfg.train.epochs
         self.steps_per_epoch = len(self.loader)
-        self.label_smoothing = float(cfg["train"].get("label_smoothing", 0.0))
+        self.label_smoothing = cfg.train.label_smoothing
         # Dry run (eval mode, no grad: running statistics untouched) for the shapes crossing the boundaries.
         net.eval()
         with torch.no_grad():
@@ -182,12 +182,11 @@ class RankModule:
         self.in_shape = shapes[self.stages[0]]
         self.out_shape = shapes[self.stages[-1] + 1]
         self.dtype = next(net.parameters()).dtype
-        o = cfg["optimizer"]
+        o, sched = cfg.optimizer, cfg.schedule
         params = module_parameters(net, self.stages)
-        self.optimizer = build_optimizer(o["name"], net, params, **builder_kwargs(o))
-        self.scheduler = build_scheduler(
-            self.optimizer, cfg["schedule"], self.epochs * self.steps_per_epoch, self.steps_per_epoch
-        )
+        self.optimizer = build_optimizer(o.name, net, params, **o.kwargs())
+        total = self.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(sched.name, self.optimizer, total, self.steps_per_epoch, **sched.kwargs())
         # Keep only this rank's stages and heads; the rest of the network is freed.
         self.net = net
         self.own = nn.ModuleDict(
@@ -430,7 +429,7 @@ def _consume_replay(
     timeout: float,
     saved_buffer: dict[str, Any] | None,
 ) -> None:
-    buf = ReplayBuffer(capacity, seed=rm.cfg["seed"] * 1000 + rm.rank)
+    buf = ReplayBuffer(capacity, seed=rm.cfg.seed * 1000 + rm.rank)
     if saved_buffer is not None:
         buf.load_state_dict(saved_buffer)
     control: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
@@ -499,7 +498,7 @@ def _consume_replay(
     (out / f"buffer_rank{rm.rank}.json").write_text(json.dumps(buf.stats()) + "\n")
 
 
-def _evaluate(cfg: dict[str, Any], out: Path, world: int, device: torch.device) -> dict[str, Any]:
+def _evaluate(cfg: RunConfig, out: Path, world: int, device: torch.device) -> dict[str, Any]:
     """Rank 0, after every rank is done: assemble the final shards into the full network and evaluate it."""
     from anytrain.eval.anytime import accuracy_per_exit, exit_logits
     from anytrain.train.checkpoint import load_checkpoint
@@ -507,7 +506,6 @@ def _evaluate(cfg: dict[str, Any], out: Path, world: int, device: torch.device) 
 
     data = data_from_config(cfg, augment=False)
     net = model_from_config(cfg, data)
-    d = cfg["data"]
     full: dict[str, Tensor] = {}
     for r in range(world):
         shard = load_checkpoint(_ckpt_dir(out, None) / f"rank{r}.pt", map_location="cpu")
@@ -517,7 +515,7 @@ def _evaluate(cfg: dict[str, Any], out: Path, world: int, device: torch.device) 
             full[f"{'stages' if kind.startswith('stage') else 'exits'}.{idx}.{rest}"] = v
     net.load_state_dict(full)
     net.to(device)
-    logits = exit_logits(net, data.x_test.to(device), int(d.get("eval_batch_size", 1000)))
+    logits = exit_logits(net, data.x_test.to(device), cfg.data.eval_batch_size)
     acc = accuracy_per_exit(logits, data.y_test.to(device))
     return {"net": net, "acc": acc, "flops": net.flops_per_exit(data.input_shape)}
 
@@ -530,17 +528,17 @@ def _barrier() -> None:
         raise PeerError(f"barrier failed: {first}") from None
 
 
-def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
+def worker(cfg: RunConfig, out: Path, opts: ParallelOptions) -> int:
     """Body of one rank (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` in the environment)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
-        dev_name = cfg["train"].get("device", "auto")
+        dev_name = cfg.train.device
         use_cuda = torch.cuda.is_available() and dev_name in ("auto", "cuda")
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-        if cfg["train"].get("threads"):
-            torch.set_num_threads(int(cfg["train"]["threads"]))
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
             rank=rank,
@@ -610,7 +608,7 @@ def worker(cfg: dict[str, Any], out: Path, opts: ParallelOptions) -> int:
 
 
 def _finish(
-    cfg: dict[str, Any],
+    cfg: RunConfig,
     out: Path,
     world: int,
     device: torch.device,
@@ -627,11 +625,11 @@ def _finish(
     samples = (rm.epochs - start_epoch) * rm.steps_per_epoch * rm.batch
     metrics = {
         "rule": "dgl",
-        "optimizer": cfg["optimizer"]["name"],
-        "dataset": cfg["data"]["name"],
-        "model": cfg["model"]["name"],
+        "optimizer": cfg.optimizer.name,
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
         "epochs": rm.epochs,
-        "seed": cfg["seed"],
+        "seed": cfg.seed,
         "exits": [{"index": k, "accuracy": a, "flops": int(f)} for k, (a, f) in enumerate(zip(ev["acc"], ev["flops"]))],
         "parallel": {
             "world_size": world,
@@ -762,8 +760,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("dgl-parallel needs --out DIR (or --resume DIR)")
             out = Path(args.out)
             cfg = load_config(args.config, args.set)
-        if cfg["rule"]["name"] != "dgl":
-            raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg['rule']['name']!r}")
+        if cfg.rule.name != "dgl":
+            raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg.rule.name!r}")
         opts = ParallelOptions(
             buffer=args.buffer, timeout=args.timeout, inflight=args.inflight, resume=bool(args.resume)
         )
@@ -796,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     return launch(worker_argv, modules)
 
 
-def _check_components(cfg: dict[str, Any]) -> int:
+def _check_components(cfg: RunConfig) -> int:
     """Build what the ranks will build (data, net, rule, optimizers, schedule) once, so that bad input is one
     line before the run directory is written; returns the number of DGL modules (= processes)."""
     import torch
@@ -808,10 +806,10 @@ def _check_components(cfg: dict[str, Any]) -> int:
     comps = build_components(cfg, torch.device("cpu"))
     if not isinstance(comps["data"], DataBundle):
         raise ConfigError(
-            f"dgl-parallel reads data held in memory, and data set {cfg['data']['name']!r} streams from disk here "
+            f"dgl-parallel reads data held in memory, and data set {cfg.data.name!r} streams from disk here "
             "(raise data.options.memory_limit_mb, or train it with anytrain train)"
         )
-    build_scheduler(comps["optimizer"], cfg["schedule"], int(cfg["train"]["epochs"]), 1)
+    build_scheduler(cfg.schedule.name, comps["optimizer"], cfg.train.epochs, 1, **cfg.schedule.kwargs())
     return len(comps["rule"].partition)
 
 

@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from anytrain.config import builder_kwargs
-from anytrain.registry import ConfigError, Registry
+from anytrain.registry import Registry
 
 SCHEDULES: Registry = Registry("schedule")
 
@@ -60,10 +59,8 @@ def _step(
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int, steps_per_epoch: int
+    name: str, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int, **options: Any
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    try:
-        fn = SCHEDULES.get(cfg["name"])(total_steps, steps_per_epoch, **builder_kwargs(cfg))
-    except TypeError as e:
-        raise ConfigError(f"schedule {cfg['name']!r}: {e}") from None
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    """The schedule registered as ``name`` over ``total_steps`` steps, on ``optimizer``'s learning rates; a bad
+    option is a one-line ``ConfigError``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.build(name, total_steps, steps_per_epoch, **options))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from anytrain.config import builder_kwargs, dump_config, resume_changes, safe_load
+from anytrain.config import RunConfig, dump_config, resume_changes, safe_load
 from anytrain.data import DataBundle, StreamingData, load_dataset, train_loader
 from anytrain.eval.anytime import (
     anytime_auc,
@@ -52,7 +52,7 @@ from anytrain.eval.anytime import (
 )
 from anytrain.nets import StagedNet, build_model
 from anytrain.optim import build_optimizer
-from anytrain.registry import ConfigError
+from anytrain.registry import ConfigError, as_config_error
 from anytrain.rules import GradientRule, build_rule
 from anytrain.train import distributed as dp
 from anytrain.train.checkpoint import (
@@ -89,74 +89,53 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def data_from_config(cfg: dict[str, Any], augment: bool | None = None) -> Any:
+def data_from_config(cfg: RunConfig, augment: bool | None = None) -> Any:
     """The ``DataBundle`` a config names (``augment`` overrides ``data.augment``)."""
-    d = cfg["data"]
-    try:
+    d = cfg.data
+    with as_config_error(f"data set {d.name!r}"):  # a data-set option of the wrong type or value
         return load_dataset(
-            d["name"],
-            **(d.get("options") or {}),
-            data_dir=d.get("data_dir"),
-            seed=cfg["seed"],
-            num_samples=d.get("num_samples"),
-            augment=bool(d.get("augment", True)) if augment is None else augment,
-            val_size=d.get("val_size", "auto"),
+            d.name,
+            **d.options,
+            data_dir=d.data_dir,
+            seed=cfg.seed,
+            num_samples=d.num_samples,
+            augment=d.augment if augment is None else augment,
+            val_size=d.val_size,
         )
-    except (TypeError, ValueError) as e:  # a data-set option of the wrong type or value
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"data set {d['name']!r}: {e}") from None
 
 
-def model_from_config(cfg: dict[str, Any], data: DataBundle | StreamingData) -> StagedNet:
+def model_from_config(cfg: RunConfig, data: DataBundle | StreamingData) -> StagedNet:
     """The staged net a config names, shaped for ``data``; a bad keyword is a one-line ``ConfigError``."""
+    m = cfg.model
     try:
-        with warnings.catch_warnings():  # torch only warns about a layer of size 0 (a width or shape of 0)
-            warnings.filterwarnings("error", "Initializing zero-element tensors", UserWarning)
-            return build_model(
-                cfg["model"]["name"],
-                in_shape=data.input_shape,
-                num_classes=data.num_classes,
-                **builder_kwargs(cfg["model"]),
-            )
+        with warnings.catch_warnings(), as_config_error(f"model {m.name!r}"):
+            warnings.filterwarnings("error", "Initializing zero-element tensors", UserWarning)  # a size of 0
+            return build_model(m.name, in_shape=data.input_shape, num_classes=data.num_classes, **m.kwargs())
     except UserWarning:
-        raise ConfigError(f"model {cfg['model']['name']!r}: a layer would have no weights (a size of 0)") from None
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"model {cfg['model']['name']!r}: {e}") from None
+        raise ConfigError(f"model {m.name!r}: a layer would have no weights (a size of 0)") from None
 
 
 def build_components(
-    cfg: dict[str, Any], device: torch.device | None = None, data: DataBundle | StreamingData | None = None
+    cfg: RunConfig, device: torch.device | None = None, data: DataBundle | StreamingData | None = None
 ) -> dict[str, Any]:
     """Everything a run needs, built from a validated config. Raises ``ConfigError`` on bad input, before
     anything is written anywhere. ``data`` (for example ``anytrain.data.from_datasets(...)``) replaces the
     data set the config names; the config's other ``data`` keys (batch sizes, augment) still apply."""
-    device = device or resolve_device(cfg["train"]["device"])
+    device = device or resolve_device(cfg.train.device)
     data = data_from_config(cfg) if data is None else data
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     net = model_from_config(cfg, data)
     net.to(device)
-    try:
-        rule = build_rule(cfg["rule"]["name"], **builder_kwargs(cfg["rule"]))
+    with as_config_error(f"rule {cfg.rule.name!r}"):
+        rule = build_rule(cfg.rule.name, **cfg.rule.kwargs())
         rule.bind(net)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"rule {cfg['rule']['name']!r}: {e}") from None
-    o = cfg["optimizer"]
+    o = cfg.optimizer
 
     def factory(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return build_optimizer(o["name"], model, params, **builder_kwargs(o))
+        return build_optimizer(o.name, model, params, **o.kwargs())
 
-    try:
+    with as_config_error(f"optimizer {o.name!r}"):
         optimizer = rule.make_optimizer(net, factory)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        prefix = f"optimizer {o['name']!r}: "
-        raise ConfigError(str(e) if str(e).startswith(prefix) else prefix + str(e)) from None
     return {"device": device, "data": data, "net": net, "rule": rule, "optimizer": optimizer}
 
 
@@ -165,7 +144,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: dict[str, Any],
+        cfg: RunConfig,
         out_dir: str | Path,
         *,
         resume: bool = False,
@@ -179,16 +158,16 @@ class Trainer:
         self.replace = replace
         self._staging = False
         self.resumed = resume
-        t = cfg["train"]
-        if t.get("threads"):
-            torch.set_num_threads(int(t["threads"]))
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
         c = components or build_components(cfg, data=data)
         self.device: torch.device = c["device"]
         self.data: DataBundle | StreamingData = c["data"]
         self.net: StagedNet = c["net"]
         self.rule: GradientRule = c["rule"]
         self.optimizer: torch.optim.Optimizer = c["optimizer"]
-        self.epochs = int(t["epochs"])
+        self.epochs = t.epochs
         # Data parallelism (torchrun): each rank trains on its shard; only rank 0 writes (see train.distributed).
         self.dist = dp.current_context()
         self.grad_sync = dp.prepare(self.net, self.rule, self.optimizer, self.dist) if self.dist.enabled else None
@@ -196,10 +175,10 @@ class Trainer:
         self._grads_ok: Tensor | None = None
         self.loader = train_loader(
             self.data,
-            cfg["data"]["batch_size"],
+            cfg.data.batch_size,
             shuffle=True,
-            seed=cfg["seed"],
-            augment=self.data.augment if cfg["data"].get("augment", True) else None,
+            seed=cfg.seed,
+            augment=self.data.augment if cfg.data.augment else None,
             drop_last=True,
             device=self.device,
             rank=self.dist.rank,
@@ -207,14 +186,13 @@ class Trainer:
         )
         if len(self.loader) == 0:
             raise ConfigError(
-                f"data.batch_size={cfg['data']['batch_size']} exceeds the {self.data.split_len('train')} "
-                "training samples"
+                f"data.batch_size={cfg.data.batch_size} exceeds the {self.data.split_len('train')} training samples"
             )
         self.steps_per_epoch = len(self.loader)
-        self.scheduler = build_scheduler(
-            self.optimizer, cfg["schedule"], self.epochs * self.steps_per_epoch, self.steps_per_epoch
-        )
-        self.label_smoothing = float(t.get("label_smoothing", 0.0))
+        s = cfg.schedule
+        total = self.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(s.name, self.optimizer, total, self.steps_per_epoch, **s.kwargs())
+        self.label_smoothing = t.label_smoothing
         self.start_epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -259,7 +237,7 @@ class Trainer:
             old = safe_load(saved) if isinstance(saved, str) else None
         except yaml.YAMLError:
             old = None  # not ours to judge here: the model and state checks below still apply
-        changed = resume_changes(old, self.cfg) if isinstance(old, dict) else []
+        changed = resume_changes(old, self.cfg.to_dict()) if isinstance(old, dict) else []
         if changed:
             raise ConfigError(
                 f"{self.out / 'config.yaml'} differs from the config its checkpoint was written with "
@@ -304,8 +282,7 @@ class Trainer:
     # ---- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> tuple[Tensor, Tensor]:
         """Per-exit ``(conf, correct)`` of the net on ``split``."""
-        bs = int(self.cfg["data"].get("eval_batch_size", 1000))
-        return exit_scores(self.net, self.data.batches(split, bs))
+        return exit_scores(self.net, self.data.batches(split, self.cfg.data.eval_batch_size))
 
     @property
     def has_val(self) -> bool:
@@ -352,11 +329,10 @@ class Trainer:
             writer.close()
 
     def fit(self) -> dict[str, Any]:
-        t = self.cfg["train"]
         if self.dist.is_main:
             self._open_run_dir()
         try:
-            if self.dist.is_main and t.get("tensorboard", True):
+            if self.dist.is_main and self.cfg.train.tensorboard:
                 self._open_writer()
             return self._fit()
         except OSError as e:  # disk full, read-only remount, ... while training: a fault, not bad input
@@ -373,9 +349,9 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        t = self.cfg["train"]
+        t = self.cfg.train
         main = self.dist.is_main
-        log_every = int(t.get("log_every", 20))
+        log_every = t.log_every
         K = self.net.num_exits
         started = time.perf_counter()
         try:
@@ -389,7 +365,7 @@ class Trainer:
                     self.loader,
                     desc=f"epoch {epoch + 1}/{self.epochs}",
                     leave=False,
-                    disable=None if t.get("progress", True) and main else True,
+                    disable=None if t.progress and main else True,
                     dynamic_ncols=True,
                 )
                 for i, (x, y) in enumerate(bar):
@@ -466,7 +442,7 @@ class Trainer:
             self.best_score = sum(acc) / len(acc)
             state = {"epoch": epoch, "model": self.net.state_dict(), "score": self.best_score}
             save_checkpoint(self.out / "best.pt", state)
-        every = int(self.cfg["train"].get("checkpoint_every", 1))
+        every = self.cfg.train.checkpoint_every
         if (epoch + 1) % every == 0 or epoch + 1 == self.epochs:
             if self.writer is not None:
                 self.writer.flush()  # the events up to the checkpoint step are on disk before the checkpoint
@@ -516,14 +492,13 @@ class Trainer:
         val = self.evaluate("val") if self.has_val else None
         val_acc = val[1].double().mean(1).tolist() if val is not None else [None] * len(acc)
         costs = exit_costs(self.flops_stage, self.flops_head)
-        o = self.cfg["optimizer"]
         metrics: dict[str, Any] = {
-            "rule": self.cfg["rule"]["name"],
-            "optimizer": o["name"],
+            "rule": self.cfg.rule.name,
+            "optimizer": self.cfg.optimizer.name,
             "dataset": self.data.name,
-            "model": self.cfg["model"]["name"],
+            "model": self.cfg.model.name,
             "epochs": self.epochs,
-            "seed": self.cfg["seed"],
+            "seed": self.cfg.seed,
             "steps": self.step,
             "split_sizes": {s: self.data.split_len(s) for s in ("train", "val", "test")},
             # accuracy (contract) and test: the final model on the test split; val: the same on validation
@@ -546,7 +521,7 @@ class Trainer:
         if val is not None:
             scores.update(val_conf=val[0], val_correct=val[1])
         save_checkpoint(self.out / "exit_scores.pt", scores)
-        if self.cfg["train"].get("plots", True):
+        if self.cfg.train.plots:
             from anytrain.eval.plots import plot_run
 
             plot_run(self.out, metrics)
