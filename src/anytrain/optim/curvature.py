@@ -612,11 +612,9 @@ class CurvatureCorrected(torch.optim.Optimizer):
         return self._stacks_cache
 
     def _powers(self, stack: _Stack, alpha: float, lam: float) -> _Powers:
-        """``(A + λ_A I)^(−α)``, ``(G + λ_G I)^(−α)`` of the stack as matrices (``damped_power``), cached until
-        the next decomposition or a change of the (scheduled) ``alpha``/``damping``: the step is then two
-        matmuls (``kron_apply``) instead of the four rotations of the eigenbases."""
-        if stack.powers is not None and (stack.powers.alpha, stack.powers.damping) == (alpha, lam):
-            return stack.powers
+        """``(A + λ_A I)^(−α)``, ``(G + λ_G I)^(−α)`` of the stack as matrices (``damped_power``), cached in the
+        stack until the next decomposition or a change of the (scheduled) ``alpha``/``damping``: the step is
+        then two matmuls (``kron_apply``) instead of the four rotations of the eigenbases."""
         assert stack.eig_a is not None and stack.eig_g is not None
         damp = [
             lam * e.d.mean(-1, keepdim=True).clamp_min(torch.finfo(e.d.dtype).tiny) if self.adaptive_damping else lam
@@ -668,13 +666,11 @@ class CurvatureCorrected(torch.optim.Optimizer):
         for (gi, _, _), stack in list(self._stacks().items()):
             group = self.param_groups[gi]
             alpha, lam = float(group["alpha"]), float(group["damping"])
-            if all(layer.weight.grad is None for layer in stack.layers):
+            if stack.layers[0].weight.grad is None and all(layer.weight.grad is None for layer in stack.layers):
                 continue
-            if (
-                stack.eig_a is None
-                and stack.powers is not None
-                and (stack.powers.alpha, stack.powers.damping) != (alpha, lam)
-            ):
+            powers = stack.powers
+            stale = powers is None or powers.alpha != alpha or powers.damping != lam
+            if stale and stack.eig_a is None:
                 # Cholesky inverses but alpha / damping were changed by hand: decompose the current factors again
                 self._decompose(only_missing=False)
                 return self._directions()
@@ -684,7 +680,8 @@ class CurvatureCorrected(torch.optim.Optimizer):
             if alpha == 0:  # gradient descent, bit for bit
                 stack.steps.copy_(stack.grads)
             else:
-                powers = self._powers(stack, alpha, lam)
+                if stale or powers is None:
+                    powers = self._powers(stack, alpha, lam)
                 kron_apply(stack.grads, powers.a, powers.g, out=stack.steps)
             if self.kl_clip is not None:
                 dot = group["lr"] ** 2 * torch.dot(stack.steps.view(-1), stack.grads.view(-1))
