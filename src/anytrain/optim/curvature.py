@@ -9,13 +9,10 @@ bias) and output-gradient second moment ``G = E[δ δᵀ]``, the step direction 
 ``α = 0`` is gradient descent, ``α = 1`` the block-diagonal natural gradient NGD-d (K-FAC, Martens & Grosse
 2015), ``α = ½`` the partially corrected rule that keeps the layers of a deep linear network balanced.
 
-Functional core (``_precondition.py``, re-exported here; used by the optimizer's step and by tests):
-    ``eig_factor(M)``          symmetric eigendecomposition with eigenvalues clamped at 0
-    ``precondition_eig(...)``  the step above given the eigendecompositions (batched over leading dims): the
-                               damped powers ``damped_power`` (cached by the optimizer) times the gradient,
-                               ``kron_apply`` (every step)
-    ``precondition(grad, A, G, alpha, damping)``  the same from the factors themselves (the contract)
-The factor math of each layer type (Linear, Conv1d/Conv2d incl. grouped, tied weights) is in ``_kron_layers.py``.
+Functional core, in ``_precondition.py`` and re-exported here: ``eig_factor`` (eigenvalues clamped at 0),
+``precondition_eig`` (the step above from the eigendecompositions: the damped powers ``damped_power``, which the
+optimizer caches, applied by ``kron_apply`` on every step) and ``precondition(grad, A, G, alpha, damping)`` from
+the factors themselves. The factor math of each layer type is in ``_kron_layers.py``.
 
 How ``A`` and ``G`` are collected (``CurvatureCorrected``):
     On steps ``t`` with ``t % factor_every == 0`` a forward hook on every preconditioned layer records the
