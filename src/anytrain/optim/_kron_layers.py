@@ -59,6 +59,19 @@ def input_gram(a: Tensor, with_bias: bool) -> Tensor:
     return out
 
 
+@dataclass
+class Capture:
+    """Statistics of one forward call of one module on a capture step."""
+
+    source: int  # index of the module in KronLayer.modules (several when the weight is tied)
+    batch: int
+    aat: Tensor  # (groups, m, m): Σ ã ãᵀ
+    rows: int
+    grad_sum: Tensor | None = None  # Σ over backward passes of ∂L/∂z (empirical G of the combined gradient)
+    sampled_g: Tensor | None = None  # G from the sampled / Gauss–Newton backward
+    output: Tensor | None = None  # kept only in the sampled modes until that backward ran
+
+
 @dataclass(eq=False)
 class KronLayer:
     """One preconditioned weight (and bias, if the optimizer owns it), the modules that use it, and the
@@ -68,7 +81,7 @@ class KronLayer:
     modules: list[nn.Module]
     weight: Tensor
     bias: Tensor | None
-    captures: list[Any] = field(default_factory=list)
+    captures: list[Capture] = field(default_factory=list)
     probes: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # capture="functional": (G-sum, passes)
     channel_dim: ClassVar[int] = -1  # the channel dim of the layer's input and output
 

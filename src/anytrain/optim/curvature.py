@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anytrain.optim._kron_layers import KronLayer, OutputGradStat, find_layers, stat
+from anytrain.optim._kron_layers import Capture, KronLayer, OutputGradStat, find_layers, stat
 from anytrain.optim._precondition import Eig, damped_inverse, damped_power, eig_factor, kron_apply
 from anytrain.optim._precondition import precondition as precondition
 from anytrain.optim._precondition import precondition_eig as precondition_eig
@@ -90,19 +90,6 @@ def _no_autocast(device: torch.device) -> torch.autocast:
 # ---------------------------------------------------------------------------------------------------------
 # the optimizer
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
-class _Capture:
-    """Statistics of one forward call of one module on a capture step."""
-
-    source: int  # index of the module in KronLayer.modules (several when the weight is tied)
-    batch: int
-    aat: Tensor  # (groups, m, m): Σ ã ãᵀ
-    rows: int
-    grad_sum: Tensor | None = None  # Σ over backward passes of ∂L/∂z (empirical G of the combined gradient)
-    sampled_g: Tensor | None = None  # G from the sampled / Gauss–Newton backward
-    output: Tensor | None = None  # kept only in the sampled modes until that backward ran
-
-
 class _Powers(NamedTuple):
     """The cached preconditioner of a stack: ``(A + λ_A I)^(−α)`` and ``(G + λ_G I)^(−α)`` of all its blocks."""
 
@@ -353,7 +340,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
             return None
         x = inputs[0].detach()
         with torch.no_grad(), _no_autocast(x.device):
-            cap = _Capture(index, x.shape[0], *layer.input_stat(module, x))
+            cap = Capture(index, x.shape[0], *layer.input_stat(module, x))
         layer.captures.append(cap)
         if self.capture == "functional":
             probe, count = layer.probes[index]
@@ -363,7 +350,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
             cap.output = output
         return None
 
-    def _on_grad(self, cap: _Capture, g: Tensor) -> None:
+    def _on_grad(self, cap: Capture, g: Tensor) -> None:
         if self._sampling:
             return
         g = stat(g.detach())
@@ -417,7 +404,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 cap.output = None
 
     @staticmethod
-    def _add_sampled(cap: _Capture, g: Tensor) -> None:
+    def _add_sampled(cap: Capture, g: Tensor) -> None:
         cap.sampled_g = g if cap.sampled_g is None else cap.sampled_g + g
 
     def _sampled_loss(self, logits: Tensor) -> Tensor:
@@ -469,7 +456,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
         identical on every rank and equal to those of the global batch. ``None`` switches it off."""
         self._reducer = fn
 
-    def _layer_g(self, layer: KronLayer, caps: list[_Capture]) -> Tensor | None:
+    def _layer_g(self, layer: KronLayer, caps: list[Capture]) -> Tensor | None:
         """``Ĝ`` of this step: per module the mean over its forward calls of ``B Σ g gᵀ``, summed over the
         modules that share the weight (positions of one layer), times K² under K micro-batches (each loss was
         divided by K, so ``δ = K·B·g``)."""
