@@ -5,6 +5,7 @@
     python benchmarks/bench_curvature.py --part kfac        # factors and timing vs curvlinops' KFAC
     python benchmarks/bench_curvature.py --part accuracy    # SGD / Adam / alpha=1/2 (10/100, 20/500) / alpha=1
     python benchmarks/bench_curvature.py --part schedule    # alpha=1/2 only: T_f/T_inv 10/100 against 20/500
+    python benchmarks/bench_curvature.py --part ab --old OLD.py  # this CurvatureCorrected against an older one
     python benchmarks/bench_curvature.py                    # all three
 
 Prints a table per part and writes benchmarks/results/curvature_<part>.json. curvlinops is a benchmark-only
@@ -14,10 +15,12 @@ dependency (never imported by the library).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -180,14 +183,14 @@ def kfac_pytorch() -> object | None:
     return KFACPreconditioner
 
 
-def make_stepper(kind: str, net: nn.Module) -> Callable[[], None]:
+def make_stepper(kind: str, net: nn.Module, curvature_cls: type = CurvatureCorrected) -> Callable[[], None]:
     """The optimizer step of ``kind`` on ``net`` (called after the backward pass)."""
     if kind == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         return opt.step
     if kind.startswith("curvature"):  # "curvature-10/100"
         t_f, t_inv = (int(v) for v in kind.split("-")[1].split("/"))
-        opt = CurvatureCorrected(
+        opt = curvature_cls(
             net, lr=0.03, alpha=0.5, damping=0.1, adaptive_damping=True, momentum=0.9, kl_clip=1e-3,
             factor_every=t_f, inverse_every=t_inv,
         )  # fmt: skip
@@ -261,6 +264,66 @@ def run_speed(steps: int = 500, chunk: int = 20, cases: list[str] | None = None)
             f"{name:17s} " + "  ".join(f"{k} {1e3 * total[k]:.2f} ms ({total[k] / total['sgd']:.2f}x)" for k in kinds),
             flush=True,
         )
+    return out
+
+
+def run_ab(old_path: str, cases: list[str] | None = None, reps: int = 2000) -> dict:
+    """This ``CurvatureCorrected`` against the one in ``old_path`` (a standalone copy of an older curvature.py,
+    e.g. ``git show REV:src/anytrain/optim/curvature.py > old.py``), speed-part settings (α = ½), same init and
+    batches, the two stepped alternately (order alternating) and timed step by step; medians per kind of step:
+    ``step`` is ``opt.step()`` alone on a step that neither records nor decomposes (the hot path), ``capture``
+    a training step (forward, backward, step) that records factors, ``decompose`` one that also decomposes.
+    Reports whether the two trajectories end on bit-identical weights."""
+    spec = importlib.util.spec_from_file_location("curvature_old", old_path)
+    assert spec is not None and spec.loader is not None
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old
+    spec.loader.exec_module(old)
+    all_cases = {"digits-cnn": (cnn2d, (1, 8, 8), 128), "mnist1d-cnn": (cnn1d, (1, 40), 128)}
+    out: dict = {}
+    for name in cases or list(all_cases):
+        make, shape, batch = all_cases[name]
+        gen = torch.Generator().manual_seed(0)
+        batches = [
+            (torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+            for _ in range(16)
+        ]
+        out[name] = {}
+        for phase, t_f, t_inv, n in (
+            ("step", 0, 0, reps),
+            ("capture", 1, 0, reps // 10),
+            ("decompose", 1, 1, reps // 100),
+        ):
+            runs = {}
+            for kind, cls in (("old", old.CurvatureCorrected), ("new", CurvatureCorrected)):
+                torch.manual_seed(0)
+                net = make()
+                step = make_stepper("curvature-1/1", net, cls)
+                time_steps_from(net, step, batches, 1, 0)  # first factors and decomposition
+                opt = step.__self__  # type: ignore[attr-defined]
+                opt.factor_every, opt.inverse_every = t_f or 10**9, t_inv or 10**9
+                opt._capturing = t_f == 1
+                runs[kind] = (net, step)
+            ms: dict[str, list[float]] = {"old": [], "new": []}
+            for i in range(n):
+                for kind in ("old", "new") if i % 2 == 0 else ("new", "old"):
+                    net, step = runs[kind]
+                    t0 = time.perf_counter()
+                    if phase != "step":  # forward and backward; the hot path alone reuses the warm-up's gradients
+                        time_steps_from(net, lambda: None, batches, 1, i)
+                    step()
+                    ms[kind].append(1e3 * (time.perf_counter() - t0))
+            med = {k: statistics.median(v) for k, v in ms.items()}
+            same = all(torch.equal(a, b) for a, b in zip(runs["old"][0].parameters(), runs["new"][0].parameters()))
+            out[name][phase] = {
+                "n": n,
+                "median_ms": med,
+                "ratio_new_to_old": med["new"] / med["old"],
+                "bit_identical": same,
+            }
+            print(f"{name:12s} {phase:9s} old {med['old']:8.3f} ms  new {med['new']:8.3f} ms  "
+                  f"ratio {med['new'] / med['old']:.3f}  bit-identical weights: {same}", flush=True)  # fmt: skip
+        out[name]["load_average"] = os.getloadavg()
     return out
 
 
@@ -391,7 +454,8 @@ def run_kfac(repeats: int = 5) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["speed", "profile", "kfac", "accuracy", "schedule", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "profile", "kfac", "accuracy", "schedule", "ab", "all"], default="all")
+    ap.add_argument("--old", help="ab: a standalone older curvature.py to time against")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--cases", nargs="*", default=None, help="speed: only these cases (default: all six)")
     args = ap.parse_args()
@@ -411,6 +475,7 @@ def main() -> None:
             "profile": run_profile,
             "accuracy": lambda: run_accuracy(args.seeds),
             "schedule": lambda: run_accuracy(args.seeds, only=["alpha=1/2", "alpha=1/2 (20/500)"]),
+            "ab": lambda: run_ab(args.old, cases=args.cases),
         }[part]()
         atomic_json(RESULTS / f"curvature_{part}.json", {"meta": meta, "seconds": time.perf_counter() - t0, **res})
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from scipy.linalg import fractional_matrix_power
 from torch import nn
 
+import anytrain.optim._precondition as curv_core
 import anytrain.optim.curvature as curv
 from anytrain.nets.staged import StagedNet
 from anytrain.optim import CurvatureCorrected, build_optimizer
@@ -95,8 +96,9 @@ def test_precondition_rejects_bad_arguments() -> None:
         precondition(torch.ones(1, 1), torch.eye(1), torch.eye(1), 1.0, -0.1)
 
 
-def test_docstring_examples() -> None:
-    res = doctest.testmod(curv, extraglobs={"torch": torch, "nn": nn, "F": F}, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [curv, curv_core])
+def test_docstring_examples(module) -> None:
+    res = doctest.testmod(module, extraglobs={"torch": torch, "nn": nn, "F": F}, optionflags=doctest.ELLIPSIS)
     assert res.attempted >= 2 and res.failed == 0
 
 
@@ -143,6 +145,25 @@ def test_alpha_one_equals_explicit_kronecker_natural_gradient() -> None:
     vec_g = grad.T.reshape(-1).double()
     nat = torch.linalg.solve(fisher, vec_g).reshape(5, 3).T
     torch.testing.assert_close((w0 - w1).double(), nat, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_step_is_the_functional_core_applied_to_the_stored_factors(alpha: float) -> None:
+    # the optimizer's cached powers (eigen path at α = ½, Cholesky at α = 1) give precondition(∇, A, G)
+    torch.manual_seed(21)
+    net = small_cnn().double()
+    lam = 1e-2
+    opt = CurvatureCorrected(net, lr=1.0, alpha=alpha, damping=lam, factor_every=1, inverse_every=1)
+    x, y = cnn_batch()
+    F.cross_entropy(net(x.double()), y).backward()
+    before = {p: p.detach().clone() for p in net.parameters()}
+    opt.step()
+    for layer in opt.layers:
+        w, b, st = layer.weight, layer.bias, opt.state[layer.weight]
+        grad = torch.cat([w.grad.reshape(w.shape[0], -1), b.grad[:, None]], 1)
+        expected = precondition(grad, st["A"], st["G"], alpha, lam)
+        moved = torch.cat([(before[w] - w.detach()).reshape(w.shape[0], -1), (before[b] - b.detach())[:, None]], 1)
+        torch.testing.assert_close(moved, expected, rtol=1e-9, atol=1e-12)
 
 
 # ---- convolution factors ------------------------------------------------------------------------------------

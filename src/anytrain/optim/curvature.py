@@ -9,10 +9,10 @@ bias) and output-gradient second moment ``G = E[δ δᵀ]``, the step direction 
 ``α = 0`` is gradient descent, ``α = 1`` the block-diagonal natural gradient NGD-d (K-FAC, Martens & Grosse
 2015), ``α = ½`` the partially corrected rule that keeps the layers of a deep linear network balanced.
 
-Functional core (module level, used by the optimizer and by tests):
-    ``eig_factor(M)``          symmetric eigendecomposition with eigenvalues clamped at 0
-    ``precondition_eig(...)``  the step above given the eigendecompositions (batched over leading dims)
-    ``precondition(grad, A, G, alpha, damping)``  the same from the factors themselves (the contract)
+Functional core, in ``_precondition.py`` and re-exported here: ``eig_factor`` (eigenvalues clamped at 0),
+``precondition_eig`` (the step above from the eigendecompositions: the damped powers ``damped_power``, which the
+optimizer caches, applied by ``kron_apply`` on every step) and ``precondition(grad, A, G, alpha, damping)`` from
+the factors themselves. The factor math of each layer type is in ``_kron_layers.py``.
 
 How ``A`` and ``G`` are collected (``CurvatureCorrected``):
     On steps ``t`` with ``t % factor_every == 0`` a forward hook on every preconditioned layer records the
@@ -49,241 +49,38 @@ How ``A`` and ``G`` are collected (``CurvatureCorrected``):
     (checked: a pass counter is compared with the forward calls at each factor update).
     Statistics, decompositions and the products of the step run with autocast disabled, in float32 at least.
 
-Layers: ``nn.Linear`` (inputs of any rank; extra dims count as positions), ``nn.Conv1d``, ``nn.Conv2d`` of any
-stride, padding, padding mode and dilation (factors from unfolded patches, Grosse & Martens 2016: ``A`` is the
-mean over samples and positions, ``G`` the mean over samples of the sum over positions); grouped convolutions get
-one Kronecker block per group (``A``, ``G`` of shape ``(groups, ·, ·)``), exactly the factors of one ordinary
-convolution per group. Tied weights: the modules that share a weight (and its bias) are one layer applied at
-more positions — ``A`` averages the rows of all of them, ``G`` sums their per-module statistics — exactly the
-factors of the untied equivalent (one module applied to the stacked inputs). Every other module holding a
-parameter of the optimizer (norms, embeddings, ``nn.MultiheadAttention``'s packed ``in_proj`` and its
-``out_proj``, which it calls functionally; a weight tied to one of them) takes the plain (momentum,
-weight-decay) step and is listed, with the reason, by ``coverage()`` and in one log line at construction;
-``strict=True`` raises instead. A covered layer whose forward hook never fires although its weight gets a
-gradient (called functionally) is a ``RuntimeError`` naming it at the first factor update. Layers whose weight
-is not among ``params`` (decoupled greedy learning gives one optimizer per module) are left alone.
+Layers: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (grouped: one Kronecker block per group) and weights tied
+between them (one layer at more positions); see ``_kron_layers.py``. Every other module holding a parameter of
+the optimizer (norms, embeddings, ``nn.MultiheadAttention``'s packed ``in_proj`` and its ``out_proj``, which it
+calls functionally; a weight tied to one of them) takes the plain (momentum, weight-decay) step and is listed,
+with the reason, by ``coverage()`` and in one log line at construction; ``strict=True`` raises instead. A covered
+layer whose forward hook never fires although its weight gets a gradient (called functionally) is a
+``RuntimeError`` naming it at the first factor update. Layers whose weight is not among ``params`` (decoupled
+greedy learning gives one optimizer per module) are left alone.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CurvatureCorrected", "eig_factor", "precondition", "precondition_eig", "kron_factors_of_batch"]
+from anytrain.optim._kron_layers import Capture, KronLayer, OutputGradStat, find_layers, stat
+from anytrain.optim._precondition import Eig, damped_inverse, damped_power, eig_factor, kron_apply
+from anytrain.optim._precondition import precondition as precondition
+from anytrain.optim._precondition import precondition_eig as precondition_eig
+
+__all__ = ["CurvatureCorrected", "eig_factor", "precondition", "precondition_eig"]
 
 logger = logging.getLogger(__name__)
 Schedule = float | Callable[[int], float]
 CURVATURES = ("empirical", "mc_fisher", "gn_mse")
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# functional core
-# ---------------------------------------------------------------------------------------------------------
-def eig_factor(factor: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition ``factor = Q diag(d) Qᵀ`` of a symmetric PSD matrix (batched), ``d`` clamped at 0.
-
-    The matrix is symmetrized first (running averages drift from exact symmetry in floating point) and, with
-    ``dtype=torch.float64``, decomposed in double precision; results come back in ``factor.dtype``.
-    Returns ``(d, Q)``.
-    """
-    sym = 0.5 * (factor + factor.mT)
-    work = sym.to(dtype) if dtype is not None else sym
-    try:
-        d, q = torch.linalg.eigh(work)
-    except RuntimeError:
-        if not bool(torch.isfinite(work).all()):
-            raise ValueError("curvature factor is not finite (the loss or the weights diverged)") from None
-        # LAPACK did not converge (clustered eigenvalues in float32): retry in float64 with a jitter
-        # of a few ulps of the trace, far below any damping that matters
-        work = work.double()
-        n = work.shape[-1]
-        jitter = 1e-13 * work.diagonal(dim1=-2, dim2=-1).sum(-1).abs().clamp_min(1e-300)[..., None, None]
-        d, q = torch.linalg.eigh(work + jitter * torch.eye(n, dtype=work.dtype, device=work.device))
-    return d.clamp_min(0).to(factor.dtype), q.to(factor.dtype)
-
-
-def _inverse_power(d: Tensor, damping: Tensor | float, alpha: float) -> Tensor:
-    """``(d + λ)^(−α)`` elementwise; with ``λ = 0`` the pseudo-inverse convention (null directions → 0)."""
-    shifted = d + damping
-    if isinstance(damping, float) and damping > 0:
-        return shifted.pow(-alpha)
-    # relative tolerance as in torch.linalg.pinv: n · eps · max eigenvalue
-    n = d.shape[-1]
-    tol = n * torch.finfo(d.dtype).eps * shifted.amax(-1, keepdim=True)
-    keep = shifted > tol
-    return torch.where(keep, shifted.clamp_min(torch.finfo(d.dtype).tiny).pow(-alpha), torch.zeros_like(d))
-
-
-def precondition_eig(
-    grad: Tensor,
-    d_a: Tensor,
-    q_a: Tensor,
-    d_g: Tensor,
-    q_g: Tensor,
-    alpha: float,
-    damping_a: Tensor | float,
-    damping_g: Tensor | float,
-) -> Tensor:
-    """``(G + λ_G I)^(−α) ∇ (A + λ_A I)^(−α)`` with ``A = Q_A diag(d_A) Q_Aᵀ`` and ``G = Q_G diag(d_G) Q_Gᵀ``.
-
-    In the eigenbases the two matrix powers are diagonal: rotate ``V = Q_Gᵀ ∇ Q_A``, scale entry ``(i, j)`` by
-    ``(d_G[i] + λ_G)^(−α) (d_A[j] + λ_A)^(−α)``, rotate back. Leading dimensions are batch dimensions
-    (several layers of the same shape in one call); the dampings broadcast as ``(..., 1)`` tensors or floats.
-    ``alpha == 0`` returns ``grad`` itself (bit-exact gradient descent, no rounding from the rotations).
-    """
-    if alpha == 0:
-        return grad
-    v = q_g.mT @ grad @ q_a
-    v = v * _inverse_power(d_g, damping_g, alpha).unsqueeze(-1) * _inverse_power(d_a, damping_a, alpha).unsqueeze(-2)
-    return q_g @ v @ q_a.mT
-
-
-def precondition(
-    grad: Tensor, A: Tensor, G: Tensor, alpha: float, damping: float, eigh_dtype: torch.dtype | None = None
-) -> Tensor:
-    """``(G + damping·I)^(−alpha) @ grad @ (A + damping·I)^(−alpha)``.
-
-    Args:
-        grad: ``(..., out, in)`` gradient (for a layer with bias, the bias gradient is the last column).
-        A: ``(..., in, in)`` symmetric PSD input factor.
-        G: ``(..., out, out)`` symmetric PSD output-gradient factor.
-        alpha: exponent ≥ 0 (0: identity, ½: partial correction, 1: natural gradient).
-        damping: λ ≥ 0 added to the eigenvalues after they are clamped at 0; with λ = 0 the powers of
-            zero eigenvalues are taken as 0 (pseudo-inverse), so rank-deficient factors never give NaN.
-        eigh_dtype: decompose in this dtype (``torch.float64`` for ill-conditioned factors).
-
-    Returns:
-        The preconditioned gradient, shape and dtype of ``grad``.
-
-    Example:
-        >>> A, G = torch.diag(torch.tensor([4.0, 1.0])), torch.diag(torch.tensor([9.0]))
-        >>> precondition(torch.ones(1, 2), A, G, alpha=0.5, damping=0.0)
-        tensor([[0.1667, 0.3333]])
-    """
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    d_a, q_a = eig_factor(A, eigh_dtype)
-    d_g, q_g = eig_factor(G, eigh_dtype)
-    return precondition_eig(grad, d_a, q_a, d_g, q_g, float(alpha), float(damping), float(damping))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# per-layer-type helpers: every statistic carries a leading ``groups`` dim (1 except for grouped convolutions)
-# ---------------------------------------------------------------------------------------------------------
-def _groups(module: nn.Module) -> int:
-    return int(getattr(module, "groups", 1))
-
-
-def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """Rows ``a`` whose second moment is the factor ``A``: ``(rows, groups, in / groups)``.
-
-    Linear: one row per sample (and per position for inputs with more than two dims). Conv: one row per
-    sample and output position, the unfolded receptive field in the weight's ``(C_in, k...)`` order, split into
-    the convolution's channel groups (each group is an independent Kronecker block).
-    """
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, 1, x.shape[-1])
-    assert isinstance(module, (nn.Conv1d, nn.Conv2d))
-    # Pad explicitly with the module's own padding (covers padding='same' and non-zero padding modes).
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(-2)
-        kernel, dil, stride = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
-    else:
-        kernel, dil, stride = module.kernel_size, module.dilation, module.stride
-    cols = F.unfold(x, kernel, dilation=dil, padding=0, stride=stride)  # (B, C·k, L), channel-major
-    return cols.transpose(1, 2).reshape(-1, module.groups, cols.shape[1] // module.groups)
-
-
-def output_rows(module: nn.Module, g: Tensor) -> Tensor:
-    """Output gradients as rows ``(rows, groups, out / groups)`` (channels last for convolutions)."""
-    if isinstance(module, nn.Linear):
-        return g.reshape(-1, 1, g.shape[-1])
-    return g.transpose(1, -1).reshape(-1, _groups(module), g.shape[1] // _groups(module))
-
-
-def _gram(rows: Tensor) -> Tensor:
-    """``Σ_rows r rᵀ`` per group: ``(rows, groups, m) -> (groups, m, m)``."""
-    if rows.shape[1] == 1:  # one group: a plain matmul, no transposed copy of the rows
-        r = rows[:, 0]
-        return (r.T @ r).unsqueeze(0)
-    r = rows.transpose(0, 1)
-    return r.mT @ r
-
-
-def _input_gram(a: Tensor, with_bias: bool) -> Tensor:
-    """``Σ ã ãᵀ`` with ``ã = [a, 1]`` when the layer has a bias, without materializing the column of ones."""
-    aat = _gram(a)
-    if not with_bias:
-        return aat
-    g, m = aat.shape[0], aat.shape[-1]
-    col = a.sum(0)  # (groups, m): Σ a
-    out = aat.new_empty(g, m + 1, m + 1)
-    out[:, :m, :m] = aat
-    out[:, :m, m] = col
-    out[:, m, :m] = col
-    out[:, m, m] = a.shape[0]
-    return out
-
-
-def _stat(t: Tensor) -> Tensor:
-    """Statistics are accumulated in at least float32 (half-precision activations are upcast)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _squeeze(t: Tensor) -> Tensor:
-    return t[0] if t.shape[0] == 1 else t
-
-
-def kron_factors_of_batch(
-    module: nn.Module, x: Tensor, output_grad: Tensor, with_bias: bool | None = None
-) -> tuple[Tensor, Tensor]:
-    """``(A, G)`` of one batch for ``module`` given its input and ``∂L/∂z`` of a batch-mean loss ``L``.
-
-    ``A = Σ a aᵀ / rows`` and ``G = B · Σ gᵀ g`` over output rows (per-sample gradient ``δ = B·g``, summed
-    over positions, averaged over samples); ``(groups, ·, ·)`` blocks for a grouped convolution. This is the
-    statistic the optimizer's hooks compute; exposed for tests and benchmarks.
-    """
-    with_bias = (getattr(module, "bias", None) is not None) if with_bias is None else with_bias
-    a = layer_inputs(module, _stat(x))
-    g = output_rows(module, _stat(output_grad))
-    return _squeeze(_input_gram(a, with_bias) / a.shape[0]), _squeeze(_gram(g) * x.shape[0])
-
-
-class _OutputGradStat(torch.autograd.Function):
-    """Identity on a layer output whose backward also returns ``B · Σ g gᵀ`` (per group) of the output
-    gradient ``g`` as the gradient of a probe leaf of G's shape, and 1 for a counter leaf: autograd itself
-    accumulates the statistic, with no hook and no Python side effect, so ``torch.compile`` traces it."""
-
-    @staticmethod
-    def forward(output: Tensor, probe: Tensor, counter: Tensor, linear: bool, groups: int) -> Tensor:
-        return output.view_as(output)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        _, probe, _, ctx.linear, ctx.groups = inputs
-        ctx.dtype = probe.dtype
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
-        gf = g.to(ctx.dtype)
-        rows = (
-            gf.reshape(-1, 1, g.shape[-1])
-            if ctx.linear
-            else gf.transpose(1, -1).reshape(-1, ctx.groups, g.shape[1] // ctx.groups)
-        )
-        return g, _gram(rows) * g.shape[0], gf.new_ones(1), None, None
 
 
 def _no_autocast(device: torch.device) -> torch.autocast:
@@ -293,30 +90,13 @@ def _no_autocast(device: torch.device) -> torch.autocast:
 # ---------------------------------------------------------------------------------------------------------
 # the optimizer
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
-class _Capture:
-    """Statistics of one forward call of one module on a capture step."""
+class _Powers(NamedTuple):
+    """The cached preconditioner of a stack: ``(A + λ_A I)^(−α)`` and ``(G + λ_G I)^(−α)`` of all its blocks."""
 
-    source: int  # index of the module in _Layer.modules (several when the weight is tied)
-    batch: int
-    aat: Tensor  # (groups, m, m): Σ ã ãᵀ
-    rows: int
-    grad_sum: Tensor | None = None  # Σ over backward passes of ∂L/∂z (empirical G of the combined gradient)
-    sampled_g: Tensor | None = None  # G from the sampled / Gauss–Newton backward
-    output: Tensor | None = None  # kept only in the sampled modes until that backward ran
-
-
-@dataclass
-class _Layer:
-    """One preconditioned weight: the modules that use it (more than one when tied) and their captures."""
-
-    name: str
-    modules: list[nn.Module]
-    weight: Tensor
-    bias: Tensor | None
-    groups: int
-    captures: list[_Capture] = field(default_factory=list)
-    probes: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # capture="functional": (G-sum, passes)
+    alpha: float
+    damping: float
+    a: Tensor
+    g: Tensor
 
 
 @dataclass
@@ -324,41 +104,52 @@ class _Stack:
     """Layers of one param group whose blocks have equal shape, with their stacked preconditioner and the
     preallocated buffers of the step.
 
-    ``powers = (alpha, damping, P_A, P_G)`` are the matrices ``(A + λ_A I)^(−α)``, ``(G + λ_G I)^(−α)`` of all
-    blocks (cached until the next decomposition or a change of alpha / damping). ``grads`` and ``steps`` are
-    ``(blocks, out, in [+1])`` buffers; ``params[i]`` is a weight or bias, ``grad_views[i]`` / ``step_views[i]``
-    its slot in ``grads`` / ``steps`` in the parameter's own shape, so one ``_foreach_copy_`` gathers the
-    gradients and the directions need no copy."""
+    ``eig_a``, ``eig_g``: the stacked eigendecompositions (``None`` when the powers are Cholesky inverses);
+    ``powers``: the damped powers for the ``alpha`` and ``damping`` they were computed with (cached until the
+    next decomposition or a change of alpha / damping). ``grads`` and ``steps`` are ``(blocks, out, in [+1])``
+    buffers; ``params[i]`` is a weight or bias, ``grad_views[i]`` / ``step_views[i]`` its slot in ``grads`` /
+    ``steps`` in the parameter's own shape, so one ``_foreach_copy_`` gathers the gradients and the directions
+    need no copy."""
 
-    layers: list[_Layer]
-    eig: tuple[Tensor, Tensor, Tensor, Tensor] | None  # (d_A, Q_A, d_G, Q_G) stacked, or None (Cholesky)
-    powers: tuple[float, float, Tensor, Tensor] | None
+    layers: list[KronLayer]
+    eig_a: Eig | None
+    eig_g: Eig | None
+    powers: _Powers | None
     grads: Tensor
     steps: Tensor
     params: list[Tensor]
     grad_views: list[Tensor]
     step_views: list[Tensor]
 
+    @classmethod
+    def build(
+        cls, layers: list[KronLayer], eig: tuple[Eig, Eig] | None, powers: _Powers | None, like: Tensor
+    ) -> _Stack:
+        """Buffers of ``(blocks, out, in [+1])`` blocks in the dtype of the factors (``like``: a stacked A)."""
+        blocks = sum(layer.groups for layer in layers)
+        n_out, n_in = layers[0].weight.shape[0] // layers[0].groups, like.shape[-1]
+        grads = torch.zeros(blocks, n_out, n_in, dtype=like.dtype, device=layers[0].weight.device)
+        steps = torch.zeros_like(grads)
+        params: list[Tensor] = []
+        grad_views: list[Tensor] = []
+        step_views: list[Tensor] = []
+        i = 0
+        for layer in layers:
+            params += [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
+            grad_views += layer.block_views(grads[i : i + layer.groups])
+            step_views += layer.block_views(steps[i : i + layer.groups])
+            i += layer.groups
+        eig_a, eig_g = eig if eig is not None else (None, None)
+        return cls(layers, eig_a, eig_g, powers, grads, steps, params, grad_views, step_views)
 
-def _make_stack(layers: list[_Layer], eig: Any, powers: Any, n_out: int, n_in: int, dtype: torch.dtype) -> _Stack:
-    w0 = layers[0].weight
-    blocks = sum(layer.groups for layer in layers)
-    grads = torch.zeros(blocks, n_out, n_in, dtype=dtype, device=w0.device)
-    steps = torch.zeros_like(grads)
-    params: list[Tensor] = []
-    grad_views: list[Tensor] = []
-    step_views: list[Tensor] = []
-    i = 0
-    for layer in layers:
-        k = layer.weight[0].numel()
-        for buf, views in ((grads, grad_views), (steps, step_views)):
-            blk = buf[i : i + layer.groups]
-            views.append(blk[..., :k].view(layer.weight.shape))
-            if layer.bias is not None:
-                views.append(blk[..., k].view(layer.bias.shape))
-        params += [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
-        i += layer.groups
-    return _Stack(layers, eig, powers, grads, steps, params, grad_views, step_views)
+
+def _cat(states: list[dict[str, Any]], key: str, dims: int) -> Tensor:
+    """``state[key]`` of several layers stacked along one leading dim (their trailing ``dims`` kept)."""
+    return torch.cat([st[key].reshape(-1, *st[key].shape[-dims:]) for st in states])
+
+
+def _squeeze(t: Tensor) -> Tensor:
+    return t[0] if t.shape[0] == 1 else t
 
 
 def _value(h: Schedule, step: int) -> float:
@@ -499,7 +290,10 @@ class CurvatureCorrected(torch.optim.Optimizer):
         self._fallbacks = 0
         self._last_kl_scale: Tensor | None = None
         self._group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        self.layers, self._uncovered = self._find_layers(model)
+        self.layers, self._uncovered = find_layers(model, set(self._group_of))
+        for layer in self.layers:
+            if layer.bias is not None and self._group_of[layer.bias] != self._group_of[layer.weight]:
+                raise ValueError("a layer's weight and bias must be in the same parameter group")
         self._handles: list[Any] = []
         for layer in self.layers:
             for i, m in enumerate(layer.modules):
@@ -525,78 +319,11 @@ class CurvatureCorrected(torch.optim.Optimizer):
         )
 
     # ---- coverage ----------------------------------------------------------------------------------------
-    def _find_layers(self, model: nn.Module) -> tuple[list[_Layer], dict[str, str]]:
-        """The preconditioned layers (one per weight, tied modules merged) and, for every other module that
-        holds a parameter of this optimizer, why it takes plain steps."""
-        owned = set(self._group_of)
-        users: dict[Tensor, list[tuple[str, nn.Module]]] = {}
-        for name, m in model.named_modules(remove_duplicate=False):
-            for p in m.parameters(recurse=False):
-                if p in owned and all(u is not m for _, u in users.get(p, [])):
-                    users.setdefault(p, []).append((name, m))
-        mha_outs = {
-            f"{n}.out_proj" if n else "out_proj"
-            for n, m in model.named_modules()
-            if isinstance(m, nn.MultiheadAttention)
-        }
-
-        def reason(name: str, m: nn.Module) -> str | None:
-            if name in mha_outs:
-                return "out_proj of nn.MultiheadAttention, which calls it functionally (its forward hook never fires)"
-            if isinstance(m, nn.MultiheadAttention):
-                return "nn.MultiheadAttention's packed in_proj has no Kronecker hook"
-            if type(m) not in _LAYER_TYPES and type(m).__name__ != "NonDynamicallyQuantizableLinear":
-                return f"{type(m).__name__} is not a Linear/Conv1d/Conv2d layer"
-            if m.weight not in owned:
-                return "its weight is not among the optimizer's params"
-            return None
-
-        uncovered: dict[str, str] = {}
-        layers: list[_Layer] = []
-        done: set[int] = set()
-        for name, m in model.named_modules():
-            if id(m) in done or not any(p in owned for p in m.parameters(recurse=False)):
-                continue
-            why = reason(name, m)
-            if why is not None:
-                uncovered[name] = why
-                continue
-            # every module that holds this weight (tied weights) must be a covered layer of the same kind and
-            # share the bias too: the statistics of all of them are then those of one layer at more positions
-            tied = users[m.weight]
-            bias = m.bias if (m.bias is not None and m.bias in owned) else None
-            for n2, m2 in tied:
-                if m2 is m:
-                    continue
-                why2 = reason(n2, m2)
-                if why2 is not None or type(m2) is not type(m) or _groups(m2) != _groups(m):
-                    why = f"its weight is tied to {n2!r} ({type(m2).__name__}), which is not the same kind of layer"
-                elif (m2.bias if (m2.bias is not None and m2.bias in owned) else None) is not bias:
-                    why = f"its weight is tied to {n2!r} but its bias is not"
-            if why is not None:
-                uncovered.update({n2: why for n2, _ in tied if n2 not in uncovered})
-                done.update(id(m2) for _, m2 in tied)
-                continue
-            if bias is not None and self._group_of[bias] != self._group_of[m.weight]:
-                raise ValueError("a layer's weight and bias must be in the same parameter group")
-            done.update(id(m2) for _, m2 in tied)
-            names = [n2 for n2, _ in tied]
-            layers.append(_Layer(" = ".join(names), [m2 for _, m2 in tied], m.weight, bias, _groups(m)))
-        in_model = {p for p in model.parameters()}
-        if any(p not in in_model for p in owned):
-            uncovered["<outside model>"] = "parameters that are not in `model`"
-        return layers, uncovered
-
     def coverage(self) -> dict[str, dict[str, str]]:
         """``{"preconditioned": {name: kind}, "plain": {name: reason}}`` over the modules holding this
         optimizer's parameters. Tied modules are listed as ``"a = b"``; grouped convolutions as block
         diagonal over their groups."""
-        kinds = {}
-        for layer in self.layers:
-            m = layer.modules[0]
-            kind = type(m).__name__ + (f", block-diagonal over {layer.groups} groups" if layer.groups > 1 else "")
-            kinds[layer.name] = kind
-        return {"preconditioned": kinds, "plain": dict(self._uncovered)}
+        return {"preconditioned": {layer.name: layer.kind for layer in self.layers}, "plain": dict(self._uncovered)}
 
     # ---- hooks -----------------------------------------------------------------------------------------
     @property
@@ -604,28 +331,29 @@ class CurvatureCorrected(torch.optim.Optimizer):
         """Whether the current step records curvature statistics (``steps % factor_every == 0``)."""
         return self._capturing
 
-    def _forward_hook(self, layer: _Layer, index: int, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+    def _forward_hook(
+        self, layer: KronLayer, index: int, module: nn.Module, inputs: tuple[Any, ...], output: Any
+    ) -> Any:
         if self._sampling or not self._capturing or not torch.is_grad_enabled():
             return None
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
         x = inputs[0].detach()
         with torch.no_grad(), _no_autocast(x.device):
-            a = layer_inputs(module, _stat(x))
-            cap = _Capture(index, x.shape[0], _input_gram(a, layer.bias is not None), a.shape[0])
+            cap = Capture(index, x.shape[0], *layer.input_stat(module, x))
         layer.captures.append(cap)
         if self.capture == "functional":
             probe, count = layer.probes[index]
-            return _OutputGradStat.apply(output, probe, count, isinstance(module, nn.Linear), layer.groups)
+            return OutputGradStat.apply(output, probe, count, layer.channel_dim, layer.groups)
         output.register_hook(partial(self._on_grad, cap))
         if self.curvature != "empirical":
             cap.output = output
         return None
 
-    def _on_grad(self, cap: _Capture, g: Tensor) -> None:
+    def _on_grad(self, cap: Capture, g: Tensor) -> None:
         if self._sampling:
             return
-        g = _stat(g.detach())
+        g = stat(g.detach())
         # sum over backward passes *before* the outer product: G of the combined gradient
         cap.grad_sum = g if cap.grad_sum is None else cap.grad_sum + g
 
@@ -648,9 +376,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
             return
         outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
         outs = [o for o in outs if o.requires_grad]
-        pending = [
-            (layer.modules[c.source], c) for layer in self.layers for c in layer.captures if c.output is not None
-        ]
+        pending = [(layer, c) for layer in self.layers for c in layer.captures if c.output is not None]
         if not outs or not pending:
             return
         targets: list[Tensor] = [c.output for _, c in pending if c.output is not None]
@@ -660,17 +386,17 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 if self.curvature == "mc_fisher":
                     loss = torch.stack([self._sampled_loss(o) for o in outs]).sum()
                     grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
-                    for (m, cap), g in zip(pending, grads):
+                    for (layer, cap), g in zip(pending, grads):
                         if g is not None:  # loss is a batch mean: δ = B·g, G = Σ δδᵀ / B = B Σ g gᵀ
-                            self._add_sampled(cap, _gram(output_rows(m, _stat(g.detach()))) * cap.batch)
+                            self._add_sampled(cap, layer.output_stat(g.detach(), cap.batch))
                 else:  # gn_mse: one backward per output coordinate, G = (1/B) Σ_b Σ_k J_bkᵀ J_bk
                     for o in outs:
                         flat = o.reshape(o.shape[0], -1)
                         for k in range(flat.shape[1]):
                             grads = torch.autograd.grad(flat[:, k].sum(), targets, retain_graph=True, allow_unused=True)
-                            for (m, cap), g in zip(pending, grads):
+                            for (layer, cap), g in zip(pending, grads):
                                 if g is not None:
-                                    self._add_sampled(cap, _gram(output_rows(m, _stat(g.detach()))) / cap.batch)
+                                    self._add_sampled(cap, layer.output_stat(g.detach(), 1.0) / cap.batch)
         finally:
             self._sampling = False
         for _, cap in pending:
@@ -678,7 +404,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 cap.output = None
 
     @staticmethod
-    def _add_sampled(cap: _Capture, g: Tensor) -> None:
+    def _add_sampled(cap: Capture, g: Tensor) -> None:
         cap.sampled_g = g if cap.sampled_g is None else cap.sampled_g + g
 
     def _sampled_loss(self, logits: Tensor) -> Tensor:
@@ -730,28 +456,28 @@ class CurvatureCorrected(torch.optim.Optimizer):
         identical on every rank and equal to those of the global batch. ``None`` switches it off."""
         self._reducer = fn
 
-    def _layer_g(self, layer: _Layer, caps: list[_Capture]) -> Tensor | None:
+    def _layer_g(self, layer: KronLayer, caps: list[Capture]) -> Tensor | None:
         """``Ĝ`` of this step: per module the mean over its forward calls of ``B Σ g gᵀ``, summed over the
         modules that share the weight (positions of one layer), times K² under K micro-batches (each loss was
         divided by K, so ``δ = K·B·g``)."""
         k2 = float(self.micro_batches**2)
         total: Tensor | None = None
-        for i, m in enumerate(layer.modules):
+        for i in range(len(layer.modules)):
             mine = [c for c in caps if c.source == i]
             if not mine:
                 continue
             if self.capture == "functional":
                 probe, count = layer.probes[i]
-                stat, passes = probe.grad, count.grad
+                g_sum, passes = probe.grad, count.grad
                 probe.grad = count.grad = None
-                if stat is None or passes is None:
+                if g_sum is None or passes is None:
                     continue
                 if int(passes.item()) != len(mine):
                     raise RuntimeError(
                         f"capture='functional' needs one backward pass per forward call, got {int(passes.item())} "
                         f"for {len(mine)} calls of {layer.name!r}; use capture='hook'"
                     )
-                g_i = stat / len(mine) * k2
+                g_i = g_sum / len(mine) * k2
             else:
                 parts = []
                 for c in mine:
@@ -760,7 +486,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
                     elif c.grad_sum is not None:
                         if self.curvature != "empirical":
                             self._fallbacks += 1
-                        parts.append(_gram(output_rows(m, c.grad_sum)) * (c.batch * k2))
+                        parts.append(layer.output_stat(c.grad_sum, c.batch * k2))
                 if not parts:
                     continue
                 g_i = torch.stack(parts).mean(0)
@@ -771,7 +497,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
         """Fold this step's captures into the running averages. Returns whether any factor was new."""
         beta = self.factor_decay
         fresh = False
-        new: list[tuple[_Layer, Tensor, Tensor]] = []
+        new: list[tuple[KronLayer, Tensor, Tensor]] = []
         for layer in self.layers:
             caps, layer.captures = layer.captures, []
             if not caps:
@@ -803,7 +529,7 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 st["G"].lerp_(g_mean, 1.0 - beta)
         return fresh
 
-    def _use_cholesky(self, layer: _Layer) -> bool:
+    def _use_cholesky(self, layer: KronLayer) -> bool:
         """α = 1 with constant α and λ: ``(A + λI)^(−1)`` by Cholesky, ~5× cheaper than eigh for wide factors."""
         return not self._schedules and float(self.param_groups[self._group_of[layer.weight]]["alpha"]) == 1.0
 
@@ -823,14 +549,12 @@ class CurvatureCorrected(torch.optim.Optimizer):
             sizes = [st[name].reshape(-1, n, n).shape[0] for st, name, _ in items]
             if chol:
                 lams = torch.tensor([lam for s, (_, _, lam) in zip(sizes, items) for _ in range(s)], dtype=mats.dtype)
-                damped = self._damped_batch(mats, lams.to(mats.device))
-                work = damped.to(self.eigh_dtype) if self.eigh_dtype is not None else damped
-                chol_l, info = torch.linalg.cholesky_ex(0.5 * (work + work.mT))
-                if bool((info == 0).all()):
-                    inv = torch.cholesky_inverse(chol_l).to(mats.dtype)
-                else:  # not numerically positive definite: the same inverse by eigendecomposition
-                    d, q = eig_factor(damped, self.eigh_dtype)
-                    inv = (q * _inverse_power(d, 0.0, 1.0).unsqueeze(-2)) @ q.mT
+                shift = lams.to(mats.device)
+                if self.adaptive_damping:  # λ relative to the mean eigenvalue (trace / n) of each factor
+                    shift = shift * (mats.diagonal(dim1=-2, dim2=-1).sum(-1) / n).clamp_min(
+                        torch.finfo(mats.dtype).tiny
+                    )
+                inv = damped_inverse(mats, shift, self.eigh_dtype)
                 for (st, name, lam), part in zip(items, inv.split(sizes)):
                     st["P" + name] = part.reshape(st[name].shape).clone()
                     st["lam" + name] = lam  # a float: load_state_dict would cast a tensor to the params dtype
@@ -846,17 +570,10 @@ class CurvatureCorrected(torch.optim.Optimizer):
         if todo:
             self._stacks_cache = {}
 
-    def _damped_batch(self, mats: Tensor, lams: Tensor) -> Tensor:
-        n = mats.shape[-1]
-        shift = lams
-        if self.adaptive_damping:
-            shift = lams * (mats.diagonal(dim1=-2, dim2=-1).sum(-1) / n).clamp_min(torch.finfo(mats.dtype).tiny)
-        return mats + shift[:, None, None] * torch.eye(n, dtype=mats.dtype, device=mats.device)
-
     def _stacks(self) -> dict[tuple[int, int, int], _Stack]:
-        """Preconditioned layers grouped by (param group, block out, block in), eigenpairs stacked."""
+        """Preconditioned layers grouped by (param group, block out, block in), eigenpairs or inverses stacked."""
         if not self._stacks_cache:
-            groups: dict[tuple[int, int, int], list[_Layer]] = {}
+            groups: dict[tuple[int, int, int], list[KronLayer]] = {}
             for layer in self.layers:
                 st = self.state[layer.weight]
                 if "QA" in st or "PA" in st:
@@ -867,40 +584,30 @@ class CurvatureCorrected(torch.optim.Optimizer):
                 if len({"PA" in s for s in sts}) > 1:  # α edited by hand between decompositions: redo them all
                     self._decompose(only_missing=False)
                     return self._stacks()
-                n_a, n_g = key[2], key[1]
-                dtype = sts[0]["A"].dtype
-                if all("PA" in s for s in sts):
-                    p_a = torch.cat([s["PA"].reshape(-1, n_a, n_a) for s in sts])
-                    p_g = torch.cat([s["PG"].reshape(-1, n_g, n_g) for s in sts])
-                    powers = (float(self.param_groups[key[0]]["alpha"]), float(sts[0]["lamA"]), p_a, p_g)
-                    self._stacks_cache[key] = _make_stack(ls, None, powers, n_g, n_a, dtype)
-                    continue
-                eig = tuple(
-                    torch.cat([s[k].reshape(-1, *s[k].shape[-(1 if k[0] == "d" else 2) :]) for s in sts])
-                    for k in ("dA", "QA", "dG", "QG")
-                )
-                self._stacks_cache[key] = _make_stack(ls, eig, None, n_g, n_a, dtype)
+                cat = partial(_cat, sts)
+                if "PA" in sts[0]:  # Cholesky inverses: the powers at α = 1 for the damping they were made with
+                    powers = _Powers(
+                        float(self.param_groups[key[0]]["alpha"]), float(sts[0]["lamA"]), cat("PA", 2), cat("PG", 2)
+                    )
+                    self._stacks_cache[key] = _Stack.build(ls, None, powers, powers.a)
+                else:
+                    eig = Eig(cat("dA", 1), cat("QA", 2)), Eig(cat("dG", 1), cat("QG", 2))
+                    self._stacks_cache[key] = _Stack.build(ls, eig, None, eig[0].q)
         return self._stacks_cache
 
-    def _powers(self, stack: _Stack, alpha: float, lam: float) -> tuple[Tensor, Tensor]:
-        """``P_A = (A + λ_A I)^(−α)``, ``P_G = (G + λ_G I)^(−α)`` as matrices, cached until the next decomposition.
-
-        Two matmuls per step (``P_G ∇ P_A``) instead of four rotations; recomputed only when the eigenpairs or
-        the (scheduled) ``alpha``/``damping`` change.
-        """
-        if stack.powers is not None and stack.powers[0] == alpha and stack.powers[1] == lam:
-            return stack.powers[2], stack.powers[3]
-        assert stack.eig is not None
-        d_a, q_a, d_g, q_g = stack.eig
-        if self.adaptive_damping:  # λ relative to the mean eigenvalue of each factor
-            lam_a: Tensor | float = lam * d_a.mean(-1, keepdim=True).clamp_min(torch.finfo(d_a.dtype).tiny)
-            lam_g: Tensor | float = lam * d_g.mean(-1, keepdim=True).clamp_min(torch.finfo(d_g.dtype).tiny)
-        else:
-            lam_a = lam_g = lam
-        p_a = (q_a * _inverse_power(d_a, lam_a, alpha).unsqueeze(-2)) @ q_a.mT
-        p_g = (q_g * _inverse_power(d_g, lam_g, alpha).unsqueeze(-2)) @ q_g.mT
-        stack.powers = (alpha, lam, p_a, p_g)
-        return p_a, p_g
+    def _powers(self, stack: _Stack, alpha: float, lam: float) -> _Powers:
+        """``(A + λ_A I)^(−α)``, ``(G + λ_G I)^(−α)`` of the stack as matrices (``damped_power``), cached in the
+        stack until the next decomposition or a change of the (scheduled) ``alpha``/``damping``: the step is
+        then two matmuls (``kron_apply``) instead of the four rotations of the eigenbases."""
+        assert stack.eig_a is not None and stack.eig_g is not None
+        damp = [
+            lam * e.d.mean(-1, keepdim=True).clamp_min(torch.finfo(e.d.dtype).tiny) if self.adaptive_damping else lam
+            for e in (stack.eig_a, stack.eig_g)
+        ]  # adaptive: λ relative to the mean eigenvalue of each factor
+        stack.powers = _Powers(
+            alpha, lam, damped_power(stack.eig_a, alpha, damp[0]), damped_power(stack.eig_g, alpha, damp[1])
+        )
+        return stack.powers
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -940,12 +647,14 @@ class CurvatureCorrected(torch.optim.Optimizer):
         preallocated buffer, two batched matmuls into the steps buffer, one dot product for the KL term."""
         done: list[_Stack] = []
         kl: Tensor | None = None
-        for gi, stack in [(k[0], v) for k, v in self._stacks().items()]:
+        for (gi, _, _), stack in list(self._stacks().items()):
             group = self.param_groups[gi]
             alpha, lam = float(group["alpha"]), float(group["damping"])
             if stack.layers[0].weight.grad is None and all(layer.weight.grad is None for layer in stack.layers):
                 continue
-            if stack.eig is None and stack.powers is not None and stack.powers[:2] != (alpha, lam):
+            powers = stack.powers
+            stale = powers is None or powers.alpha != alpha or powers.damping != lam
+            if stale and stack.eig_a is None:
                 # Cholesky inverses but alpha / damping were changed by hand: decompose the current factors again
                 self._decompose(only_missing=False)
                 return self._directions()
@@ -955,8 +664,9 @@ class CurvatureCorrected(torch.optim.Optimizer):
             if alpha == 0:  # gradient descent, bit for bit
                 stack.steps.copy_(stack.grads)
             else:
-                p_a, p_g = self._powers(stack, alpha, lam)
-                torch.matmul(torch.matmul(p_g, stack.grads), p_a, out=stack.steps)
+                if stale or powers is None:
+                    powers = self._powers(stack, alpha, lam)
+                kron_apply(stack.grads, powers.a, powers.g, out=stack.steps)
             if self.kl_clip is not None:
                 dot = group["lr"] ** 2 * torch.dot(stack.steps.view(-1), stack.grads.view(-1))
                 kl = dot if kl is None else kl + dot
