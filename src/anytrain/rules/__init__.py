@@ -1,7 +1,8 @@
 """Gradient rules over exits: how per-exit losses become parameter gradients.
 
 * ``backward(losses, rule, shared=params)`` — any rule, on any model, in any training loop.
-* ``build_rule(name, **kwargs)`` builds a rule by name; ``RULES`` lists them.
+* ``build_rule(name, **kwargs)`` builds a rule by name; ``RULES`` lists them. ``dgl`` and ``sgl`` are training
+  procedures (``anytrain.greedy``, which registers those names here when imported), not gradient rules.
 * ``orthogonalize(G)`` and ``osgd_weights(gram)`` — OSGD's Gram–Schmidt on a ``K×P`` matrix or a Gramian.
 
 TorchJD (and the solvers it imports) loads only when a TorchJD rule, ``OSGDWeighting`` or ``OSGDAggregator`` is
@@ -13,9 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 from anytrain.registry import Registry
-from anytrain.rules._base import GradientRule, GradientWeighting, LossWeighting, scalar_losses
+from anytrain.rules._base import (
+    PROCEDURES,
+    GradientRule,
+    GradientWeighting,
+    LossWeighting,
+    procedure_error,
+    scalar_losses,
+)
 from anytrain.rules._functional import backward
-from anytrain.rules._greedy import DGL, SGL
 from anytrain.rules._osgd import OSGD, orthogonalize, osgd_coefficients, osgd_weights
 from anytrain.rules._simple import AdaLoss, Joint, Weighted
 
@@ -30,8 +37,6 @@ RULES: Registry = Registry("rule")
 RULES.register("joint", "sum of exit losses (last_only: true gives plain backprop)")(Joint)
 RULES.register("weighted", "fixed per-exit loss weights")(Weighted)
 RULES.register("adaloss", "weights inversely proportional to running-average exit losses")(AdaLoss)
-RULES.register("dgl", "decoupled greedy learning: each module learns only from its own exit")(DGL)
-RULES.register("sgl", "sequential greedy learning: one module at a time, earlier ones frozen")(SGL)
 RULES.register("osgd", "orthogonalized SGD: Gram–Schmidt of per-exit gradients, earliest exit first")(OSGD)
 RULES.register("torchjd:", "a TorchJD aggregator over the per-exit gradients (torchjd:UPGrad, torchjd:PCGrad, ...)")(
     _torchjd_rule
@@ -40,6 +45,8 @@ RULES.register("torchjd:", "a TorchJD aggregator over the per-exit gradients (to
 
 def build_rule(name: str, **kwargs: Any) -> GradientRule:
     """Build a rule by name. Names of the form ``torchjd:<Aggregator>`` use a TorchJD aggregator."""
+    if name.lower() in PROCEDURES and name not in RULES:
+        raise procedure_error(name.lower())
     if ":" in name:
         prefix, _, rest = name.partition(":")
         return RULES.get(prefix + ":")(rest, **kwargs)
@@ -59,10 +66,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DGL",
     "OSGD",
     "RULES",
-    "SGL",
     "AdaLoss",
     "GradientRule",
     "GradientWeighting",

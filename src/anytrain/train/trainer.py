@@ -29,10 +29,12 @@ once, when the run finishes, on the final model and on the selected one.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from anytrain.eval.anytime import (
     exit_costs,
     exit_scores,
 )
+from anytrain.greedy import GreedyProcedure, ModuleOptimizers, build_module_optimizers
 from anytrain.nets import StagedNet, build_model
 from anytrain.optim import build_optimizer
 from anytrain.registry import ConfigError
@@ -127,6 +130,16 @@ def model_from_config(cfg: dict[str, Any], data: DataBundle | StreamingData) -> 
         raise ConfigError(f"model {cfg['model']['name']!r}: {e}") from None
 
 
+def optimizer_for(
+    rule: GradientRule | GreedyProcedure, net: StagedNet, factory: Callable[..., torch.optim.Optimizer]
+) -> torch.optim.Optimizer:
+    """The optimizer of a run: ``factory(net, params)`` over every trainable parameter, or, for a greedy
+    procedure, one such optimizer per module (``ModuleOptimizers``)."""
+    if isinstance(rule, GreedyProcedure):
+        return build_module_optimizers(net, rule.bind(net), factory)
+    return factory(net, [p for p in net.parameters() if p.requires_grad])
+
+
 def build_components(
     cfg: dict[str, Any], device: torch.device | None = None, data: DataBundle | StreamingData | None = None
 ) -> dict[str, Any]:
@@ -151,13 +164,35 @@ def build_components(
         return build_optimizer(o["name"], model, params, **builder_kwargs(o))
 
     try:
-        optimizer = rule.make_optimizer(net, factory)
+        optimizer = optimizer_for(rule, net, factory)
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         prefix = f"optimizer {o['name']!r}: "
         raise ConfigError(str(e) if str(e).startswith(prefix) else prefix + str(e)) from None
     return {"device": device, "data": data, "net": net, "rule": rule, "optimizer": optimizer}
+
+
+def make_train_loader(
+    cfg: dict[str, Any], data: DataBundle | StreamingData, device: torch.device, rank: int = 0, world_size: int = 1
+) -> Any:
+    """The training loader a config asks for (shuffled, dropping the last partial batch; ``rank``'s shard for
+    data parallelism); a batch larger than the training set is a one-line ``ConfigError``."""
+    d = cfg["data"]
+    loader = train_loader(
+        data,
+        d["batch_size"],
+        shuffle=True,
+        seed=cfg["seed"],
+        augment=data.augment if d.get("augment", True) else None,
+        drop_last=True,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+    )
+    if len(loader) == 0:
+        raise ConfigError(f"data.batch_size={d['batch_size']} exceeds the {data.split_len('train')} training samples")
+    return loader
 
 
 class Trainer:
@@ -186,35 +221,24 @@ class Trainer:
         self.device: torch.device = c["device"]
         self.data: DataBundle | StreamingData = c["data"]
         self.net: StagedNet = c["net"]
-        self.rule: GradientRule = c["rule"]
+        self.rule: GradientRule | GreedyProcedure = c["rule"]
         self.optimizer: torch.optim.Optimizer = c["optimizer"]
+        if isinstance(self.rule, GreedyProcedure) and not isinstance(self.optimizer, ModuleOptimizers):
+            raise ConfigError(f"rule {self.rule.name!r} steps one optimizer per module: pass a ModuleOptimizers")
         self.epochs = int(t["epochs"])
         # Data parallelism (torchrun): each rank trains on its shard; only rank 0 writes (see train.distributed).
         self.dist = dp.current_context()
-        self.grad_sync = dp.prepare(self.net, self.rule, self.optimizer, self.dist) if self.dist.enabled else None
+        if self.dist.enabled:
+            dp.prepare(self.net, self.optimizer)
+        self.reduce = dp.average_ if self.dist.enabled else None  # passed to the rule on every step
         self._params = [p for p in self.net.parameters() if p.requires_grad]
         self._grads_ok: Tensor | None = None
-        self.loader = train_loader(
-            self.data,
-            cfg["data"]["batch_size"],
-            shuffle=True,
-            seed=cfg["seed"],
-            augment=self.data.augment if cfg["data"].get("augment", True) else None,
-            drop_last=True,
-            device=self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        if len(self.loader) == 0:
-            raise ConfigError(
-                f"data.batch_size={cfg['data']['batch_size']} exceeds the {self.data.split_len('train')} "
-                "training samples"
-            )
+        self.loss_fn = functools.partial(F.cross_entropy, label_smoothing=float(t.get("label_smoothing", 0.0)))
+        self.loader = make_train_loader(cfg, self.data, self.device, self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.loader)
         self.scheduler = build_scheduler(
             self.optimizer, cfg["schedule"], self.epochs * self.steps_per_epoch, self.steps_per_epoch
         )
-        self.label_smoothing = float(t.get("label_smoothing", 0.0))
         self.start_epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -287,19 +311,21 @@ class Trainer:
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One optimisation step. Returns the per-exit losses (detached, on device) and the rule's stats.
         Nothing here synchronises with the host."""
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.rule.forward(self.net, x)
-        losses = [F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits]
-        stats = self.rule.backward(self.net, losses)
-        if self.grad_sync is not None and not self.rule.reduces_own_grads:
-            gsum = self.grad_sync()  # one all-reduce of all gradients; its sum is finite iff every entry is
-            self._grads_ok = None if gsum is None else torch.isfinite(gsum)
-        else:  # one fused pass over the gradients (L1 norms), still no host sync
-            self._grads_ok = dp.grads_finite(self._params)
-        self.optimizer.step()
+        if isinstance(self.rule, GreedyProcedure):  # every module steps its own optimizer (greedy.module_step)
+            assert isinstance(self.optimizer, ModuleOptimizers)
+            losses, stats, self._grads_ok = self.rule.step(
+                self.net, x, y, self.optimizer, loss_fn=self.loss_fn, reduce=self.reduce
+            )
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            per_exit = [self.loss_fn(z, y) for z in self.rule.forward(self.net, x)]
+            stats = self.rule.backward(self.net, per_exit, reduce=self.reduce)  # .grad: rank averages
+            self._grads_ok = dp.grads_finite(self._params)  # one fused pass (L1 norms), no host sync
+            self.optimizer.step()
+            losses = torch.stack([l.detach() for l in per_exit])
         self.scheduler.step()
         self.step += 1
-        return torch.stack([l.detach() for l in losses]), stats
+        return losses, stats
 
     # ---- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> tuple[Tensor, Tensor]:
