@@ -173,6 +173,11 @@ def build_components(
     return {"device": device, "data": data, "net": net, "rule": rule, "optimizer": optimizer}
 
 
+def make_loss_fn(cfg: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-exit training loss a config asks for: cross-entropy (with ``train.label_smoothing``)."""
+    return functools.partial(F.cross_entropy, label_smoothing=float(cfg["train"].get("label_smoothing", 0.0)))
+
+
 def make_train_loader(
     cfg: dict[str, Any], data: DataBundle | StreamingData, device: torch.device, rank: int = 0, world_size: int = 1
 ) -> Any:
@@ -233,7 +238,7 @@ class Trainer:
         self.reduce = dp.average_ if self.dist.enabled else None  # passed to the rule on every step
         self._params = [p for p in self.net.parameters() if p.requires_grad]
         self._grads_ok: Tensor | None = None
-        self.loss_fn = functools.partial(F.cross_entropy, label_smoothing=float(t.get("label_smoothing", 0.0)))
+        self.loss_fn = make_loss_fn(cfg)
         self.loader = make_train_loader(cfg, self.data, self.device, self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.loader)
         self.scheduler = build_scheduler(
@@ -243,8 +248,6 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best_score = -1.0
-        self.flops_stage, self.flops_head = self.net.flops_breakdown(self.data.input_shape)
-        self.flops = self.net.flops_per_exit(self.data.input_shape)
         if resume:
             self._restore()
         self.writer: Any = None
@@ -537,44 +540,62 @@ class Trainer:
     def finish(self, seconds: float) -> dict[str, Any]:
         if not self.dist.is_main:
             return {}
-        test = self.evaluate("test")
-        acc = test[1].double().mean(1).tolist()
-        val = self.evaluate("val") if self.has_val else None
-        val_acc = val[1].double().mean(1).tolist() if val is not None else [None] * len(acc)
-        costs = exit_costs(self.flops_stage, self.flops_head)
-        o = self.cfg["optimizer"]
-        metrics: dict[str, Any] = {
-            "rule": self.cfg["rule"]["name"],
-            "optimizer": o["name"],
-            "dataset": self.data.name,
-            "model": self.cfg["model"]["name"],
-            "epochs": self.epochs,
-            "seed": self.cfg["seed"],
-            "steps": self.step,
-            "split_sizes": {s: self.data.split_len(s) for s in ("train", "val", "test")},
-            # accuracy (contract) and test: the final model on the test split; val: the same on validation
-            "exits": [
-                {"index": k, "accuracy": a, "flops": int(f), "val": v, "test": a}
-                for k, (a, v, f) in enumerate(zip(acc, val_acc, self.flops))
-            ],
-            "auc": anytime_auc(self.flops, acc),
-            "mean_exit_accuracy": sum(acc) / len(acc),
-            "selected": self._selected(),
-            "stage_flops": self.flops_stage,
-            "head_flops": self.flops_head,
-            "early_exit_flops": costs,
-            # thresholds fitted on validation for each average budget, then applied once to test
-            "budgeted": budgeted_curve(val, test, costs, default_budgets(costs)) if val is not None else [],
-            "train_seconds_this_session": seconds,
-            **self._extra_metrics(),
-        }
-        scores = {"test_conf": test[0], "test_correct": test[1], "costs": torch.tensor(costs)}
-        if val is not None:
-            scores.update(val_conf=val[0], val_correct=val[1])
-        save_checkpoint(self.out / "exit_scores.pt", scores)
-        if self.cfg["train"].get("plots", True):
-            from anytrain.eval.plots import plot_run
+        extra = {"selected": self._selected(), **self._extra_metrics()}
+        return write_metrics(self.cfg, self.data, self.net, self.out, steps=self.step, seconds=seconds, extra=extra)
 
-            plot_run(self.out, metrics)
-        atomic_write_json(self.out / "metrics.json", metrics)  # last: its presence marks the run as finished
-        return metrics
+
+def write_metrics(
+    cfg: dict[str, Any],
+    data: DataBundle | StreamingData,
+    net: StagedNet,
+    out: Path,
+    *,
+    steps: int,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the final ``net`` once on the test split (and validation), write ``exit_scores.pt``, the plots
+    and, last, ``metrics.json`` (whose presence marks the run as finished); return the metrics. ``extra`` keys
+    are added (the selected model, optimizer figures, the multi-process runner's timings)."""
+    bs = int(cfg["data"].get("eval_batch_size", 1000))
+    test = exit_scores(net, data.batches("test", bs))
+    acc = test[1].double().mean(1).tolist()
+    val = exit_scores(net, data.batches("val", bs)) if data.split_len("val") > 0 else None
+    val_acc = val[1].double().mean(1).tolist() if val is not None else [None] * len(acc)
+    stage_flops, head_flops = net.flops_breakdown(data.input_shape)
+    flops = net.flops_per_exit(data.input_shape)
+    costs = exit_costs(stage_flops, head_flops)
+    metrics: dict[str, Any] = {
+        "rule": cfg["rule"]["name"],
+        "optimizer": cfg["optimizer"]["name"],
+        "dataset": data.name,
+        "model": cfg["model"]["name"],
+        "epochs": int(cfg["train"]["epochs"]),
+        "seed": cfg["seed"],
+        "steps": steps,
+        "split_sizes": {s: data.split_len(s) for s in ("train", "val", "test")},
+        # accuracy (contract) and test: the final model on the test split; val: the same on validation
+        "exits": [
+            {"index": k, "accuracy": a, "flops": int(f), "val": v, "test": a}
+            for k, (a, v, f) in enumerate(zip(acc, val_acc, flops))
+        ],
+        "auc": anytime_auc(flops, acc),
+        "mean_exit_accuracy": sum(acc) / len(acc),
+        "stage_flops": stage_flops,
+        "head_flops": head_flops,
+        "early_exit_flops": costs,
+        # thresholds fitted on validation for each average budget, then applied once to test
+        "budgeted": budgeted_curve(val, test, costs, default_budgets(costs)) if val is not None else [],
+        "train_seconds_this_session": seconds,
+        **(extra or {}),
+    }
+    scores = {"test_conf": test[0], "test_correct": test[1], "costs": torch.tensor(costs)}
+    if val is not None:
+        scores.update(val_conf=val[0], val_correct=val[1])
+    save_checkpoint(out / "exit_scores.pt", scores)
+    if cfg["train"].get("plots", True):
+        from anytrain.eval.plots import plot_run
+
+        plot_run(out, metrics)
+    atomic_write_json(out / "metrics.json", metrics)  # last: its presence marks the run as finished
+    return metrics
