@@ -43,6 +43,7 @@ from anytrain.rules._pergrad import average_grads_, grads_finite
 LossFn = Callable[[Tensor, Any], Tensor] | Sequence[Callable[[Tensor, Any], Tensor]]
 Reduce = Callable[[Tensor], Tensor]
 Optimizers = ModuleOptimizers | Sequence[torch.optim.Optimizer | None]
+Step = tuple[Tensor, dict[str, Tensor], Tensor | None]  # per-exit losses, stats, all gradients finite
 
 
 class ModuleStep(NamedTuple):
@@ -131,20 +132,6 @@ class GreedyProcedure:
         self.partition = partition_stages(staged.num_exits, self.modules)
         return self.partition
 
-    def _setup(self, net: nn.Module, optimizers: Optimizers) -> tuple[StagedNet, Partition, list[Any]]:
-        staged = require_staged(net, self.name)
-        part = self.partition if self.partition is not None else self.bind(staged)
-        if isinstance(optimizers, ModuleOptimizers):
-            optimizers.modules_stepped()  # each module steps its own optimizer below
-            optimizers = optimizers.optimizers
-        opts = list(optimizers)
-        if len(opts) != len(part):
-            raise ValueError(
-                f"{self.name}: {len(opts)} optimizers for {len(part)} modules; build them with "
-                "anytrain.greedy.build_module_optimizers(net, procedure.bind(net), factory)"
-            )
-        return staged, part, opts
-
     def step(
         self,
         net: nn.Module,
@@ -154,9 +141,35 @@ class GreedyProcedure:
         *,
         loss_fn: LossFn = F.cross_entropy,
         reduce: Reduce | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    ) -> Step:
         """One training step on the batch ``(x, y)``: returns the per-exit losses (a detached K-vector), stats to
-        log and a device-side flag that every gradient was finite. Nothing here synchronises with the host."""
+        log and a device-side flag that every gradient was finite. Nothing here synchronises with the host.
+
+        ``optimizers``: one per module (``build_module_optimizers``); ``loss_fn`` and ``reduce`` as in
+        :func:`module_step`."""
+        staged = require_staged(net, self.name)
+        part = self.partition if self.partition is not None else self.bind(staged)
+        if isinstance(optimizers, ModuleOptimizers):
+            optimizers.modules_stepped()  # each module steps its own optimizer
+            optimizers = optimizers.optimizers
+        opts = list(optimizers)
+        if len(opts) != len(part):
+            raise ValueError(
+                f"{self.name}: {len(opts)} optimizers for {len(part)} modules; build them with "
+                "anytrain.greedy.build_module_optimizers(net, procedure.bind(net), factory)"
+            )
+        return self._step(staged, part, opts, x, y, loss_fn, reduce)
+
+    def _step(
+        self,
+        net: StagedNet,
+        part: Partition,
+        opts: list[Any],
+        x: Any,
+        y: Tensor,
+        loss_fn: LossFn,
+        reduce: Reduce | None,
+    ) -> Step:
         raise NotImplementedError
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -199,21 +212,20 @@ class DGL(GreedyProcedure):
 
     name = "dgl"
 
-    def step(
+    def _step(
         self,
-        net: nn.Module,
-        x: Tensor,
+        net: StagedNet,
+        part: Partition,
+        opts: list[Any],
+        x: Any,
         y: Tensor,
-        optimizers: Optimizers,
-        *,
-        loss_fn: LossFn = F.cross_entropy,
-        reduce: Reduce | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-        staged, part, opts = self._setup(net, optimizers)
+        loss_fn: LossFn,
+        reduce: Reduce | None,
+    ) -> Step:
         state: Any = x
         steps = []
         for stages, opt in zip(part, opts):
-            s = module_step(staged, stages, state, y, opt, loss_fn=loss_fn, reduce=reduce)
+            s = module_step(net, stages, state, y, opt, loss_fn=loss_fn, reduce=reduce)
             state = s.output
             steps.append(s)
         stats = {f"loss_m{j}": s.losses[-1] for j, s in enumerate(steps)}
@@ -287,30 +299,29 @@ class SGL(GreedyProcedure):
         self.epoch = int(epoch)
         self.active = self.module_at(int(epoch), int(epochs), len(self.partition))
 
-    def step(
+    def _step(
         self,
-        net: nn.Module,
-        x: Tensor,
+        net: StagedNet,
+        part: Partition,
+        opts: list[Any],
+        x: Any,
         y: Tensor,
-        optimizers: Optimizers,
-        *,
-        loss_fn: LossFn = F.cross_entropy,
-        reduce: Reduce | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-        staged, part, opts = self._setup(net, optimizers)
+        loss_fn: LossFn,
+        reduce: Reduce | None,
+    ) -> Step:
         before: list[Tensor] = []
         state: Any = x
         with torch.no_grad():  # the frozen modules: fixed functions
             for stages in part[: self.active]:
                 for k in stages:
-                    staged.stages[k].eval()
-                    staged.exits[k].eval()
-                state, logits = module_forward(staged, stages, state)
+                    net.stages[k].eval()
+                    net.exits[k].eval()
+                state, logits = module_forward(net, stages, state)
                 before += [criterion(loss_fn, k)(z, y) for k, z in zip(stages, logits)]
-        s = module_step(staged, part[self.active], state, y, opts[self.active], loss_fn=loss_fn, reduce=reduce)
+        s = module_step(net, part[self.active], state, y, opts[self.active], loss_fn=loss_fn, reduce=reduce)
         zero = [
             criterion(loss_fn, k)(torch.zeros_like(s.logits[-1]), y).detach()
-            for k in range(len(before) + len(s.losses), len(staged.exits))
+            for k in range(len(before) + len(s.losses), len(net.exits))
         ]
         return torch.stack([*before, *s.losses, *zero]), {"loss_active": s.losses[-1]}, s.grads_finite
 

@@ -1,4 +1,4 @@
-"""Greedy modules: a partition of a staged network's stages, the decoupled forward pass, one optimizer per module.
+"""Greedy modules: a partition of a staged network's stages, one module's forward pass, one optimizer per module.
 
 Decoupled greedy learning (Belilovsky, Eickenberg & Oyallon, ICML 2020) cuts the network into ``M`` modules.
 Module ``j`` owns a contiguous run of stages ``a_j..b_j`` and every exit head attached to them. Its *training

@@ -248,6 +248,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best_score = -1.0
+        self.net.flops_breakdown(self.data.input_shape)  # a dry run: a net that cannot take the input fails here
         if resume:
             self._restore()
         self.writer: Any = None
