@@ -12,14 +12,9 @@ The synchronous procedures below, asynchronous DGL (``anytrain.greedy.async_dgl`
 (``anytrain.train.parallel``) all call it, so the three cannot drift apart.
 
 These are not gradient rules: they run the forward pass themselves and step one optimizer per module, so they
-take ``(x, y)`` and the per-module optimizers, never losses. ``rule: {name: dgl}`` / ``{name: sgl}`` in a config
-selects them (importing this package registers the names); in your own loop::
-
-    net = StagedNet(blocks, heads)                        # your own modules, no copies
-    dgl = DGL()
-    opts = build_module_optimizers(net, dgl.bind(net), lambda net, ps: torch.optim.SGD(ps, lr=0.1))
-    for x, y in loader:
-        losses, stats, _ = dgl.step(net, x, y, opts)      # every module has stepped
+take ``(x, y)`` and the per-module optimizers, never losses (your own blocks and heads: ``StagedNet(blocks,
+heads)``, no copies; see :class:`DGL`). ``rule: {name: dgl}`` / ``{name: sgl}`` in a config selects them
+(importing this package registers the names).
 """
 
 from __future__ import annotations
@@ -31,12 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anytrain.nets.modules import (
-    ModuleOptimizers,
-    Partition,
-    module_forward,
-    partition_stages,
-)
+from anytrain.nets.modules import ModuleOptimizers, Partition, module_forward, partition_stages
 from anytrain.nets.staged import StagedNet, detach_state, require_staged
 from anytrain.rules._pergrad import average_grads_, grads_finite
 

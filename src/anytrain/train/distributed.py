@@ -30,7 +30,7 @@ CLI calls :func:`init_from_env`. ``data.batch_size`` is the *per-rank* batch, as
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,7 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from anytrain.nets.modules import ModuleOptimizers
 from anytrain.registry import ConfigError
-from anytrain.rules._pergrad import average_grads_, grads_finite
+from anytrain.rules._pergrad import average_grads_, grads_finite, reduce_tensors
 
 Reducer = Callable[[Tensor], Tensor]
 
@@ -158,19 +158,14 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (one coalesced broadcast per dtype)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    tensors = [t.data for t in module.parameters()] + [b for b in module.buffers()]
-    for group in _by_dtype_device(tensors):
-        flat = torch.cat([t.reshape(-1) for t in group])
+    tensors = [t.data for t in module.parameters()] + list(module.buffers())
+
+    def from_src(flat: Tensor) -> Tensor:
         dist.broadcast(flat, src)
-        with torch.no_grad():
-            torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)])
+        return flat
 
-
-def _by_dtype_device(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    return list(groups.values())
+    with torch.no_grad():
+        torch._foreach_copy_(tensors, reduce_tensors(from_src, tensors))
 
 
 # ---- synchronized batch norm that also runs on CPU (gloo) ---------------------------------------------------
