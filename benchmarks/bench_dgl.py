@@ -28,9 +28,11 @@ import torch.nn.functional as F
 
 from anytrain.data import BatchLoader, load_dataset
 from anytrain.eval.anytime import accuracy_per_exit, exit_logits
+from anytrain.greedy import GreedyProcedure
 from anytrain.nets import build_model
 from anytrain.optim import build_optimizer
 from anytrain.rules import build_rule
+from anytrain.train.trainer import optimizer_for
 
 SETTINGS = {
     "mnist1d": {"model": "cnn1d-exits", "epochs": 24, "lr": 0.05},
@@ -60,8 +62,8 @@ def train_one(
     name, kw = {"backprop": ("joint", {"last_only": True}), "dgl": ("dgl", {}), "sgl": ("sgl", {})}[method]
     rule = build_rule(name, **kw, **(rule_kw or {}))
     rule.bind(net)
-    opt = rule.make_optimizer(
-        net, lambda n, p: build_optimizer("sgd", n, p, lr=s["lr"], momentum=0.9, weight_decay=5e-4)
+    opt = optimizer_for(
+        rule, net, lambda n, p: build_optimizer("sgd", n, p, lr=s["lr"], momentum=0.9, weight_decay=5e-4)
     )
     loader = BatchLoader(data.x_train, data.y_train, batch_size, seed=seed, drop_last=True, augment=data.augment)
     spe = len(loader)
@@ -84,10 +86,12 @@ def train_one(
         net.train()
         loader.set_epoch(epoch)
         for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            losses = [F.cross_entropy(z, y) for z in rule.forward(net, x)]
-            rule.backward(net, losses)
-            opt.step()
+            if isinstance(rule, GreedyProcedure):  # every module steps its own optimizer
+                rule.step(net, x, y, opt)
+            else:
+                opt.zero_grad(set_to_none=True)
+                rule.backward(net, [F.cross_entropy(z, y) for z in rule.forward(net, x)])
+                opt.step()
             sched.step()
     secs = time.perf_counter() - t0
     acc = accuracy_per_exit(exit_logits(net, data.x_test, 1000), data.y_test)

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from anytrain.data import BatchLoader, load_dataset
-from anytrain.greedy import module_forward, partition_stages
+from anytrain.greedy import DGL, build_module_optimizers, module_forward, partition_stages
 from anytrain.nets import build_model
 from anytrain.optim import build_optimizer
-from anytrain.rules import build_rule
 
 CONFIG = """\
 seed: 0
@@ -90,18 +89,17 @@ def single_process(k: int, width: int, batch: int, epochs: int) -> dict[str, Any
     data = load_dataset("mnist1d", seed=0)
     torch.manual_seed(0)
     net = build_model("cnn1d-exits", in_shape=data.input_shape, num_classes=10, exits=k, width=width, head="conv1x1")
-    rule = build_rule("dgl")
-    rule.bind(net)
-    opt = rule.make_optimizer(net, lambda n, p: build_optimizer("sgd", n, p, lr=0.05, momentum=0.9, weight_decay=5e-4))
+    rule = DGL()
+    opt = build_module_optimizers(
+        net, rule.bind(net), lambda n, p: build_optimizer("sgd", n, p, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    )
     loader = BatchLoader(data.x_train, data.y_train, batch, seed=0, drop_last=True)
     t0 = time.perf_counter()
     n = 0
     for e in range(epochs):
         loader.set_epoch(e)
         for xb, yb in loader:
-            opt.zero_grad(set_to_none=True)
-            rule.backward(net, [F.cross_entropy(z, yb) for z in rule.forward(net, xb)])
-            opt.step()
+            rule.step(net, xb, yb, opt)
             n += len(yb)
     secs = time.perf_counter() - t0
     return {

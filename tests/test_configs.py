@@ -16,6 +16,7 @@ def test_config_resolves(path):
     from anytrain.nets import build_model
     from anytrain.optim import build_optimizer
     from anytrain.rules import build_rule
+    from anytrain.train.trainer import optimizer_for
 
     cfg = load_config(path)
     shape = {"mnist1d": (1, 40), "digits": (1, 8, 8), "synthetic": (1, 16)}.get(cfg.data.name, (3, 32, 32))
@@ -24,4 +25,4 @@ def test_config_resolves(path):
     rule = build_rule(cfg.rule.name, **cfg.rule.kwargs())
     rule.bind(net)
     o = cfg.optimizer
-    rule.make_optimizer(net, lambda m, ps: build_optimizer(o.name, m, ps, **o.kwargs()))
+    optimizer_for(rule, net, lambda m, ps: build_optimizer(o.name, m, ps, **o.kwargs()))

@@ -23,6 +23,7 @@ from anytrain.optim import OPTIMIZERS, build_optimizer
 from anytrain.registry import ConfigError
 from anytrain.rules import build_rule
 from anytrain.train import Trainer, build_components
+from anytrain.train.trainer import optimizer_for
 
 SETTINGS = settings(
     max_examples=12,
@@ -102,7 +103,7 @@ def test_valid_combinations_train(tmp_path, net_spec, rule, optimizer, batch, fe
     r = build_rule(rname, **rkw)
     r.bind(net)
     okw = _optimizer_kwargs(optimizer)
-    opt = r.make_optimizer(net, lambda m, ps: build_optimizer(optimizer, m, ps, **okw))
+    opt = optimizer_for(r, net, lambda m, ps: build_optimizer(optimizer, m, ps, **okw))
     comps = {"device": torch.device("cpu"), "data": data, "net": net, "rule": r, "optimizer": opt}
     tr = Trainer(cfg, tmp_path, components=comps)
     tr.net.train()

@@ -18,9 +18,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from anytrain.greedy import GreedyProcedure
 from anytrain.nets import StagedNet
 from anytrain.optim import OPTIMIZERS, build_optimizer
 from anytrain.rules import RULES, build_rule
+from anytrain.train.trainer import optimizer_for
 
 RULE_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "joint": ("joint", {}),
@@ -48,20 +50,25 @@ def test_tables_cover_the_registries() -> None:
 
 
 def _train(
-    net: StagedNet, x: Tensor, loss_fn: Callable[[list[Tensor]], list[Tensor]], rule_row: str, opt: str, steps: int
+    net: StagedNet, x: Tensor, criteria: list[Callable[[Tensor], Tensor]], rule_row: str, opt: str, steps: int
 ) -> None:
+    """``criteria[k]``: exit ``k``'s loss from its output."""
     name, kw = RULE_ROWS[rule_row]
     if rule_row == "weighted":
         kw = {"weights": [1.0] * net.num_exits}
     rule = build_rule(name, **kw)
     rule.bind(net)
-    optimizer = rule.make_optimizer(net, lambda m, ps: build_optimizer(opt, m, ps, **OPT_ROWS[opt]))
+    optimizer = optimizer_for(rule, net, lambda m, ps: build_optimizer(opt, m, ps, **OPT_ROWS[opt]))
+    per_exit = [lambda z, _, c=c: c(z) for c in criteria]  # a greedy procedure's loss_fn(logits, y), per exit
     epochs = net.num_exits  # SGL: one phase per module; the others ignore the epochs
     for epoch in range(epochs):
         rule.on_epoch_start(epoch, epochs)
         for _ in range(steps // epochs):
+            if isinstance(rule, GreedyProcedure):
+                rule.step(net, x, None, optimizer, loss_fn=per_exit)
+                continue
             optimizer.zero_grad()
-            rule.backward(net, loss_fn(rule.forward(net, x)))
+            rule.backward(net, [c(z) for c, z in zip(criteria, rule.forward(net, x))])
             optimizer.step()
 
 
@@ -84,7 +91,7 @@ def test_least_squares(rule: str, opt: str) -> None:
     y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.3 * torch.randn(n, generator=g)
     w_star = torch.linalg.lstsq(x.double(), y.double().unsqueeze(1)).solution.squeeze(1)
     net = StagedNet([_linear(d, d, torch.eye(d))], [_linear(d, 1, torch.zeros(1, d))])
-    _train(net, x, lambda out: [((out[0].squeeze(1) - y) ** 2).mean()], rule, opt, steps=150)
+    _train(net, x, [lambda o: ((o.squeeze(1) - y) ** 2).mean()], rule, opt, steps=150)
     w = (net.exits[0].weight @ net.stages[0].weight).squeeze(0).double()
     assert torch.linalg.vector_norm(w - w_star) < 0.05 * torch.linalg.vector_norm(w_star), (w, w_star)
 
@@ -95,7 +102,7 @@ def test_separable_quadratic(rule: str, opt: str) -> None:
     c = torch.tensor([1.0, -1.0, 2.0, 0.5])
     # θ is the weight of Linear(1, 4) applied to the input 1; the exit passes θ through
     net = StagedNet([_linear(1, 4, torch.zeros(4, 1))], [nn.Identity()])
-    _train(net, torch.ones(1, 1), lambda out: [(a * (out[0].squeeze(0) - c) ** 2).sum()], rule, opt, steps=150)
+    _train(net, torch.ones(1, 1), [lambda o: (a * (o.squeeze(0) - c) ** 2).sum()], rule, opt, steps=150)
     theta = net.stages[0].weight.detach().squeeze(1)
     assert torch.linalg.vector_norm(theta - c) < 0.05 * torch.linalg.vector_norm(c), (theta, c)
 
@@ -112,14 +119,12 @@ def test_two_exit_realizable_linear_model_reaches_zero_loss(rule: str, opt: str)
         [_linear(d, 1, torch.zeros(1, d)), _linear(d, 1, torch.zeros(1, d))],
     )
 
-    def losses(out: list[Tensor]) -> list[Tensor]:
-        return [((o.squeeze(1) - t) ** 2).mean() for o, t in zip(out, targets)]
-
+    criteria = [lambda o, t=t: ((o.squeeze(1) - t) ** 2).mean() for t in targets]
     with torch.no_grad():
-        start = [float(v) for v in losses(net(x))]
-    _train(net, x, losses, rule, opt, steps=400)
+        start = [float(c(o)) for c, o in zip(criteria, net(x))]
+    _train(net, x, criteria, rule, opt, steps=400)
     with torch.no_grad():
-        end = [float(v) for v in losses(net(x))]
+        end = [float(c(o)) for c, o in zip(criteria, net(x))]
     assert all(e < 0.02 * s for s, e in zip(start, end)), (start, end)
 
 
@@ -149,7 +154,7 @@ def test_one_osgd_sgd_step_equals_the_gram_schmidt_direction() -> None:
 
     rule = build_rule("osgd")
     rule.bind(net)
-    opt = rule.make_optimizer(net, lambda m, ps: build_optimizer("sgd", m, ps, lr=lr))
+    opt = build_optimizer("sgd", net, list(net.parameters()), lr=lr)
     opt.zero_grad()
     rule.backward(net, losses())
     opt.step()

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from greedy_helpers import batches, small_net
 
+from anytrain.greedy import DGL, build_module_optimizers
 from anytrain.greedy.async_dgl import AsyncConfig, train_async_dgl
 from anytrain.greedy.buffer import ReplayBuffer
-from anytrain.rules import build_rule
 
 
 def t(v: float) -> torch.Tensor:
@@ -98,19 +98,23 @@ def test_async_with_full_speed_and_capacity_one_is_synchronous_dgl(sampling: str
     data = batches(6)
     a = small_net(3)
     b = copy.deepcopy(a)
-    rule = build_rule("dgl")
-    rule.bind(a)
-    opt = rule.make_optimizer(a, lambda n, p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    part = DGL().bind(a)
+    opt = build_module_optimizers(a, part, lambda n, p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
     cfg = AsyncConfig(step_prob=[1, 1, 1], buffer_size=1, sampling=sampling, updates=updates)
-    stats = train_async_dgl(a, rule.partition, opt.optimizers, data, 1, cfg)
+    stats = train_async_dgl(a, part, opt.optimizers, data, 1, cfg)
     assert stats.steps == [6, 6, 6] and stats.forward_only == [0, 0, 0]
-    rule_b = build_rule("dgl")
-    rule_b.bind(b)
-    opt_b = rule_b.make_optimizer(b, lambda n, p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    # reference: the authors' synchronous step written out by hand (Belilovsky et al., Algorithm 1): each
+    # stage on the detached output of the previous one, its own exit's loss, its own optimizer
+    opts_b = [
+        torch.optim.SGD([*b.stages[k].parameters(), *b.exits[k].parameters()], lr=0.05, momentum=0.9) for k in range(3)
+    ]
     for x, y in data:
-        opt_b.zero_grad()
-        rule_b.backward(b, [F.cross_entropy(z, y) for z in rule_b.forward(b, x)])
-        opt_b.step()
+        h = x
+        for k, o in enumerate(opts_b):
+            o.zero_grad()
+            h = b.stages[k](h.detach())
+            F.cross_entropy(b.exits[k](h), y).backward()
+            o.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -118,17 +122,16 @@ def test_async_with_full_speed_and_capacity_one_is_synchronous_dgl(sampling: str
 def test_async_slow_producer_consumer_replays_and_slow_consumer_steps_less() -> None:
     data = batches(40, batch=4)
     net = small_net(2)
-    rule = build_rule("dgl")
-    rule.bind(net)
-    opt = rule.make_optimizer(net, lambda n, p: torch.optim.SGD(p, lr=0.01))
+    part = DGL().bind(net)
+    opt = build_module_optimizers(net, part, lambda n, p: torch.optim.SGD(p, lr=0.01))
     slow_prod = train_async_dgl(
-        net, rule.partition, opt.optimizers, data, 1, AsyncConfig(step_prob=[0.25, 1.0], buffer_size=5, seed=1)
+        net, part, opt.optimizers, data, 1, AsyncConfig(step_prob=[0.25, 1.0], buffer_size=5, seed=1)
     )
     assert slow_prod.steps[0] == 40
     assert slow_prod.steps[1] > 2 * slow_prod.steps[0]  # the consumer did not wait for the producer
     assert slow_prod.buffers[0]["reuse"] > 2
     slow_cons = train_async_dgl(
-        net, rule.partition, opt.optimizers, data, 1, AsyncConfig(step_prob=[1.0, 0.25], buffer_size=5, seed=1)
+        net, part, opt.optimizers, data, 1, AsyncConfig(step_prob=[1.0, 0.25], buffer_size=5, seed=1)
     )
     assert slow_cons.steps[0] == 40 and 3 <= slow_cons.steps[1] <= 20
     assert slow_cons.buffers[0]["dropped"] == 40 - 5  # uniform draws keep entries: only eviction removes
@@ -142,11 +145,10 @@ def test_equal_updates_every_module_makes_the_same_number_and_finished_modules_o
     runs = {}
     for updates in ("until_first_done", "equal"):
         net = copy.deepcopy(base)
-        rule = build_rule("dgl")
-        rule.bind(net)
-        opt = rule.make_optimizer(net, lambda n, p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+        part = DGL().bind(net)
+        opt = build_module_optimizers(net, part, lambda n, p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
         cfg = AsyncConfig(step_prob=[1.0, 0.5, 1.0], buffer_size=3, seed=2, updates=updates)
-        runs[updates] = (net, train_async_dgl(net, rule.partition, opt.optimizers, data, 2, cfg))
+        runs[updates] = (net, train_async_dgl(net, part, opt.optimizers, data, 2, cfg))
     first, equal = runs["until_first_done"][1], runs["equal"][1]
     assert first.steps[0] == 24 and first.steps[1] < 20  # the 2x slower module got about half the updates
     assert equal.steps == [24, 24, 24]

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 import anytrain.greedy.buffer
+import anytrain.greedy.dgl
 import anytrain.nets.heads
 import anytrain.nets.modules
 
 
-@pytest.mark.parametrize("mod", [anytrain.greedy.buffer, anytrain.nets.modules, anytrain.nets.heads])
+@pytest.mark.parametrize(
+    "mod", [anytrain.greedy.buffer, anytrain.greedy.dgl, anytrain.nets.modules, anytrain.nets.heads]
+)
 def test_docstring_examples(mod) -> None:
     res = doctest.testmod(mod, extraglobs={"torch": torch})
     assert res.attempted > 0 and res.failed == 0

@@ -1,4 +1,4 @@
-"""DGL and SGL rules: gradient isolation, degenerate-case equivalence with backprop, freezing, optimizer wrapper."""
+"""DGL and SGL procedures: gradient isolation, equivalence with backprop, freezing, optimizer wrapper."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from greedy_helpers import batches, small_net
 
+from anytrain.greedy import DGL, SGL, GreedyProcedure, module_step
 from anytrain.nets.modules import ModuleOptimizers, module_parameters, partition_stages
 from anytrain.optim import build_optimizer
 from anytrain.rules import build_rule
+from anytrain.train.trainer import optimizer_for
 
 
 def sgd_factory(lr: float = 0.05, momentum: float = 0.9):
@@ -19,9 +21,11 @@ def sgd_factory(lr: float = 0.05, momentum: float = 0.9):
 
 
 def train(net, rule, steps, data, factory=None, opt=None):
-    rule.bind(net)
-    opt = opt or rule.make_optimizer(net, factory or sgd_factory())
+    opt = opt or optimizer_for(rule, net, factory or sgd_factory())
     for x, y in data[:steps]:
+        if isinstance(rule, GreedyProcedure):
+            rule.step(net, x, y, opt)
+            continue
         opt.zero_grad(set_to_none=True)
         losses = [F.cross_entropy(z, y) for z in rule.forward(net, x)]
         rule.backward(net, losses)
@@ -42,9 +46,7 @@ def test_partition() -> None:
 def test_no_gradient_crosses_modules(modules) -> None:
     """Hooks on every stage output and every parameter record what each exit's loss reaches."""
     net = small_net(4)
-    rule = build_rule("dgl", modules=modules)
-    rule.bind(net)
-    part = rule.partition
+    part = DGL(modules=modules).bind(net)
     reached: set[int] = set()
 
     def stage_hook(k):
@@ -56,19 +58,17 @@ def test_no_gradient_crosses_modules(modules) -> None:
 
     handles = [net.stages[k].register_forward_hook(stage_hook(k)) for k in range(4)]
     x, y = batches(1)[0]
+    state = x
     for j, stages in enumerate(part):
         reached.clear()
         net.zero_grad(set_to_none=True)
-        logits = rule.forward(net, x)
-        F.cross_entropy(logits[stages[-1]], y).backward()
+        opt = torch.optim.SGD(module_parameters(net, stages), lr=0.0)  # the step leaves the gradients in place
+        state = module_step(net, stages, state, y, opt).output
         assert reached == set(stages), (j, reached)  # the loss of module j flows through its stages only
         mine = {id(p) for p in module_parameters(net, stages)}
         for p in net.parameters():
             if id(p) not in mine:
                 assert p.grad is None
-        # probes of inner exits are not reached by the training exit's loss
-        for k in stages[:-1]:
-            assert all(p.grad is None for p in net.exits[k].parameters())
     for h in handles:
         h.remove()
 
@@ -77,12 +77,11 @@ def test_dgl_gradient_matches_independent_per_module_reference() -> None:
     """One backward of the summed losses equals, module by module, autograd of that module's loss alone on a
     detached input computed without grad."""
     net = small_net(3)
-    rule = build_rule("dgl")
-    rule.bind(net)
     x, y = batches(1)[0]
     ref = copy.deepcopy(net)
-    net.zero_grad()
-    rule.backward(net, [F.cross_entropy(z, y) for z in rule.forward(net, x)])
+    rule = DGL()
+    opts = optimizer_for(rule, net, lambda n, ps: torch.optim.SGD(ps, lr=0.0))  # lr 0: gradients stay to compare
+    rule.step(net, x, y, opts)
     state = x
     for k in range(3):
         inp = state.detach()
@@ -129,8 +128,7 @@ def test_module_optimizers_state_dict_round_trip_and_scheduler() -> None:
     net2 = small_net(3)
     net2.load_state_dict(saved_net)
     rule2 = build_rule("dgl")
-    rule2.bind(net2)
-    opt2 = rule2.make_optimizer(net2, factory)
+    opt2 = optimizer_for(rule2, net2, factory)
     opt2.load_state_dict(saved_opt)
     train(net2, rule2, 8, data[4:], opt=opt2)
     for p, q in zip(net.parameters(), net2.parameters()):
@@ -146,14 +144,14 @@ def test_module_optimizers_state_dict_round_trip_and_scheduler() -> None:
 
 
 def test_sgl_phases_and_freezing() -> None:
-    rule = build_rule("sgl")
+    rule = SGL()
     net = small_net(3)
     rule.bind(net)
     assert rule.phases(7, 3) == [2, 2, 3]
     assert [rule.module_at(e, 7, 3) for e in range(7)] == [0, 0, 1, 1, 2, 2, 2]
     with pytest.raises(ValueError):
         rule.phases(2, 3)
-    opt = rule.make_optimizer(net, sgd_factory())
+    opt = optimizer_for(rule, net, sgd_factory())
     data = batches(4)
     snap = copy.deepcopy(net.state_dict())
 
@@ -161,11 +159,10 @@ def test_sgl_phases_and_freezing() -> None:
         rule.on_epoch_start(epoch, 3)
         net.train()
         for x, y in data:
-            opt.zero_grad(set_to_none=True)
-            logits = rule.forward(net, x)
-            assert len(logits) == 3
-            rule.backward(net, [F.cross_entropy(z, y) for z in logits])
-            opt.step()
+            losses, stats, _ = rule.step(net, x, y, opt)
+            assert losses.shape == (3,) and sorted(stats) == ["loss_active"]
+            # later exits are not run: their losses are those of a uniform prediction, log C
+            assert torch.allclose(losses[rule.active + 1 :], torch.tensor(4.0).log())
 
     run_phase(0)
     now = net.state_dict()

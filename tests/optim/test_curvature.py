@@ -499,7 +499,9 @@ def test_factors_agree_with_curvlinops_kfac() -> None:
 # ---- composition with the gradient rules --------------------------------------------------------------
 @pytest.mark.parametrize("rule_name", ["joint", "osgd", "dgl"])
 def test_composes_with_gradient_rules(rule_name: str) -> None:
+    from anytrain.greedy import GreedyProcedure
     from anytrain.rules import build_rule
+    from anytrain.train.trainer import optimizer_for
 
     torch.manual_seed(12)
     net = StagedNet(
@@ -507,12 +509,14 @@ def test_composes_with_gradient_rules(rule_name: str) -> None:
         [nn.Sequential(nn.Flatten(), nn.Linear(4 * 12, 3)), nn.Sequential(nn.Flatten(), nn.Linear(4 * 10, 3))],
     )
     rule = build_rule(rule_name)
-    rule.bind(net)
-    opt = rule.make_optimizer(
-        net, lambda n, ps: build_optimizer("curvature", n, ps, lr=0.05, factor_every=1, inverse_every=1)
+    opt = optimizer_for(
+        rule, net, lambda n, ps: build_optimizer("curvature", n, ps, lr=0.05, factor_every=1, inverse_every=1)
     )
     for _ in range(3):
         x, y = torch.randn(8, 1, 12), torch.randint(0, 3, (8,))
+        if isinstance(rule, GreedyProcedure):
+            rule.step(net, x, y, opt)
+            continue
         opt.zero_grad(set_to_none=True)
         losses = [F.cross_entropy(z, y) for z in rule.forward(net, x)]
         rule.backward(net, losses)

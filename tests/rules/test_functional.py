@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 import anytrain.rules as R
+from anytrain.greedy import DGL, SGL, build_module_optimizers
 from anytrain.nets import StagedNet
-from anytrain.rules import DGL, OSGD, SGL, AdaLoss, backward, build_rule
+from anytrain.rules import OSGD, AdaLoss, backward, build_rule
 
 F = nn.functional
 
@@ -254,11 +255,20 @@ def test_bad_functional_calls():
     with pytest.raises(ValueError) as e:
         backward(_losses(net, x, y), "osgd", shared=[net(x)[0]])  # not a leaf
     assert "leaf" in _one_line(e)
-    for rule, api in [("dgl", "rule.forward"), ("sgl", "rule.forward"), (OSGD(amortize=3), "rule.forward")]:
+    for rule, api in [
+        ("dgl", "anytrain.greedy.DGL().step"),
+        ("SGL", "anytrain.greedy.SGL().step"),
+        (DGL(), "anytrain.greedy.DGL().step"),
+        (OSGD(amortize=3), "rule.forward"),
+    ]:
         with pytest.raises(ValueError) as e:
             backward(_losses(net, x, y), rule, shared=net.trunk())
         msg = _one_line(e)
         assert api in msg and "StagedNet" in msg
+    # by name, also where anytrain.greedy (which registers the procedures) was never imported
+    code = "import anytrain.rules as R\ntry:\n    R.build_rule('dgl')\nexcept ValueError as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "not a gradient rule" in out and "anytrain.greedy.DGL().step" in out and len(out.splitlines()) == 1
     assert all(p.grad is None for p in net.parameters())  # nothing was written by any bad call
 
 
@@ -275,29 +285,30 @@ def test_bad_rule_backward_calls():
         msg = _one_line(e)
         assert "shared=" in msg and "StagedNet" in msg
     staged = StagedNet(list(net.blocks), list(net.heads))
-    for rule in (OSGD(), build_rule("joint"), build_rule("torchjd:UPGrad"), DGL()):
+    for rule in (OSGD(), build_rule("joint"), build_rule("torchjd:UPGrad")):
         with pytest.raises(ValueError) as e:
             rule.backward(staged, _losses(staged, x, y)[:2])
         assert "2 losses" in _one_line(e)
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_procedures_refuse_a_bypassed_forward_or_a_plain_module():
+def test_procedures_refuse_a_plain_module_or_other_optimizers():
     x, y = _data()
     net = _net()
-    with pytest.raises(ValueError) as e:
-        DGL().forward(net, x)
-    assert "StagedNet" in _one_line(e)
+    sgd = lambda n, ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    for proc in (DGL(), SGL()):
+        with pytest.raises(ValueError) as e:
+            proc.step(net, x, y, [])
+        assert "StagedNet" in _one_line(e)
     with pytest.raises(ValueError) as e:
         OSGD(amortize=2).forward(net, x)
     assert "StagedNet" in _one_line(e)
     staged = StagedNet(list(net.blocks), list(net.heads))
-    for rule in (DGL(), SGL()):
-        rule.bind(staged)
-        with pytest.raises(ValueError) as e:
-            rule.backward(staged, _losses(staged, x, y))  # net(x), not rule.forward
-        assert "rule.forward(net, x)" in _one_line(e)
-        rule.backward(staged, [F.cross_entropy(z, y) for z in rule.forward(staged, x)])  # the right way works
+    for proc in (DGL(), SGL()):
+        with pytest.raises(ValueError) as e:  # one optimizer over everything would train end to end
+            proc.step(staged, x, y, [torch.optim.SGD(staged.parameters(), lr=0.1)])
+        assert "build_module_optimizers" in _one_line(e)
+        proc.step(staged, x, y, build_module_optimizers(staged, proc.bind(staged), sgd))  # the right way works
 
 
 def test_dgl_on_wrapped_user_modules_gives_each_block_its_own_exit_gradient():
@@ -306,8 +317,7 @@ def test_dgl_on_wrapped_user_modules_gives_each_block_its_own_exit_gradient():
     ref = copy.deepcopy(net)
     staged = StagedNet(list(net.blocks), list(net.heads))
     rule = DGL()
-    rule.bind(staged)
-    rule.backward(staged, [F.cross_entropy(z, y) for z in rule.forward(staged, x)])
+    rule.step(staged, x, y, build_module_optimizers(staged, rule.bind(staged), lambda n, ps: torch.optim.SGD(ps, lr=0)))
     h = x
     for block, head in zip(ref.blocks, ref.heads):  # reference: detach between blocks, by hand
         h = block(h.detach())

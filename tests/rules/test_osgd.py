@@ -400,7 +400,7 @@ def test_composes_with_every_optimizer(opt_name, kw):
     y = (x.mean((1, 2)) > 0).long() + (x[:, 0, :8].mean(1) > 0).long()
     rule = OSGD(**kw)
     rule.bind(net)
-    opt = rule.make_optimizer(net, lambda n, ps: build_optimizer(opt_name, n, ps))
+    opt = build_optimizer(opt_name, net, list(net.parameters()))
     first = None
     for _ in range(25):
         opt.zero_grad()

@@ -135,7 +135,7 @@ def _bn_worker(rank: int, world: int, port: int, out: str, own_group: bool = Tru
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from anytrain.rules import Joint
+    from anytrain.rules._pergrad import reduce_tensors
     from anytrain.train import distributed as dp
 
     dp.init_from_env("cpu")
@@ -166,11 +166,9 @@ def _bn_worker(rank: int, world: int, port: int, out: str, own_group: bool = Tru
             p.grad = torch.full_like(p, float(rank + 10 * i))
         dist.all_reduce = counting
         try:
-            dp.GradAverager(net.parameters(), 2)()
+            dp.average_grads_(net.parameters(), dp.average_)
             n_grad = calls["n"]
-            rule = Joint()
-            rule.reducer = dp.average_
-            red = rule.reduce_tensors([torch.full((2, 3), float(rank)), torch.full((4,), 2.0 * rank)])
+            red = reduce_tensors(dp.average_, [torch.full((2, 3), float(rank)), torch.full((4,), 2.0 * rank)])
             n_rule = calls["n"] - n_grad
         finally:
             dist.all_reduce = real

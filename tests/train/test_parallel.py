@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dgl_faults import FAULT_ENV, SLOW_ENV
 
 from anytrain.config import load_config
 from anytrain.train import Trainer
-from anytrain.train.parallel import FAULT_ENV, SLOW_ENV, latest_complete_epoch
+from anytrain.train.parallel import latest_complete_epoch
 
 CONFIG = """\
 seed: 3
@@ -27,11 +28,15 @@ train: {epochs: 2, device: cpu, threads: 1, progress: false, tensorboard: false,
 """
 
 
+FAULTY = str(Path(__file__).with_name("dgl_faults.py"))  # the runner with fault injection, for these tests only
+
+
 def run(cfg: Path, out: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 120):
     e = dict(os.environ, **(env or {}))
+    entry = [FAULTY] if env else ["-m", "anytrain.train.parallel"]
     t0 = time.monotonic()
     p = subprocess.run(
-        [sys.executable, "-m", "anytrain.train.parallel", str(cfg), "--out", str(out), *extra],
+        [sys.executable, *entry, str(cfg), "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=timeout,

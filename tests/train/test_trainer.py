@@ -134,3 +134,30 @@ def test_corrupt_truncated_foreign_and_malicious_checkpoints(tmp_path):
         with pytest.raises(CheckpointError):
             load_checkpoint(tmp_path / name)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_loss_weighting_with_an_epoch_schedule_gets_every_epoch_start(tmp_path):
+    """``on_epoch_start(epoch, epochs)`` is the one training-progress hook: a weighting whose weights follow the
+    epochs sees each epoch once, in order, before its steps (here: the earlier exits' weight ramps up from 0)."""
+    from anytrain.rules import LossWeighting
+
+    class Ramp(LossWeighting):
+        name = "ramp"
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, int]] = []
+            self.weight = -1.0
+
+        def on_epoch_start(self, epoch: int, epochs: int) -> None:
+            self.calls.append((epoch, epochs))
+            self.weight = epoch / epochs
+
+        def total(self, losses, reduce):
+            assert self.weight >= 0  # never stepped before the first epoch started
+            return losses[-1] + self.weight * losses[:-1].sum()
+
+    cfg = fast_cfg("train.epochs=2", "rule.name=joint")
+    comps = build_components(cfg)
+    comps["rule"] = rule = Ramp()
+    Trainer(cfg, tmp_path / "run", components=comps).fit()
+    assert rule.calls == [(0, 2), (1, 2)]

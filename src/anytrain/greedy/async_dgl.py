@@ -9,7 +9,7 @@ consumes the batch its producer has just written: exactly synchronous DGL (the t
 One step of module ``j`` (Belilovsky et al., ICML 2020, §3.3, Algorithm 2)::
 
     (x, y) ~ B_j                          a draw from the buffer (module 0: next data batch)
-    z = f_j(x);  θ_j ← opt_j(∇_{θ_j} L(h_j(z), y))
+    z = f_j(x);  θ_j ← opt_j(∇_{θ_j} L(h_j(z), y))     anytrain.greedy.module_step, as in synchronous DGL
     B_{j+1}.put(sg(z), y)                 drops the oldest entry when full
 
 Two choices (``AsyncConfig``):
@@ -27,6 +27,7 @@ Two choices (``AsyncConfig``):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anytrain.greedy.buffer import ReplayBuffer
-from anytrain.nets.modules import Partition, module_forward
+from anytrain.greedy.dgl import module_step
+from anytrain.nets.modules import Partition
 from anytrain.nets.staged import StagedNet, detach_state
 
 
@@ -134,6 +136,7 @@ def train_async_dgl(
     stats = AsyncStats(steps=[0] * m, forward_only=[0] * m, skipped_empty=[0] * m)
     probs = torch.tensor(config.step_prob)
     data = _epochs(loader, None if equal else int(epochs))
+    loss_fn = functools.partial(F.cross_entropy, label_smoothing=config.label_smoothing)
     start = time.perf_counter()
     done = limit == 0
     while not done:
@@ -159,17 +162,10 @@ def train_async_dgl(
                 cast(ReplayBuffer, buffers[j + 1]).put(_frozen_forward(net, partition[j], x), y)
                 stats.forward_only[j] += 1
                 continue
-            opt = optimizers[j]
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            out, logits = module_forward(net, partition[j], x)
-            loss = sum(F.cross_entropy(z, y, label_smoothing=config.label_smoothing) for z in logits)
-            if opt is not None:
-                loss.backward()  # type: ignore[union-attr]
-                opt.step()
+            out = module_step(net, partition[j], x, y, optimizers[j], loss_fn=loss_fn).output
             nxt = buffers[j + 1] if j + 1 < m else None
             if nxt is not None:
-                nxt.put(detach_state(out), y)
+                nxt.put(out, y)
             stats.steps[j] += 1
             if on_step is not None:
                 on_step(j)

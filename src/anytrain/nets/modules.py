@@ -1,4 +1,4 @@
-"""Greedy modules: a partition of a staged network's stages, the decoupled forward pass, one optimizer per module.
+"""Greedy modules: a partition of a staged network's stages, one module's forward pass, one optimizer per module.
 
 Decoupled greedy learning (Belilovsky, Eickenberg & Oyallon, ICML 2020) cuts the network into ``M`` modules.
 Module ``j`` owns a contiguous run of stages ``a_j..b_j`` and every exit head attached to them. Its *training
@@ -81,17 +81,6 @@ def module_forward(net: StagedNet, stages: Sequence[int], state: Any) -> tuple[A
     return state, logits
 
 
-def decoupled_forward(net: StagedNet, partition: Partition, x: Tensor) -> list[Tensor]:
-    """Logits of every exit with the state detached at each module boundary (the DGL forward pass)."""
-    logits: list[Tensor] = []
-    state: Any = x
-    for stages in partition:
-        state, lg = module_forward(net, stages, state)
-        logits += lg
-        state = detach_state(state)
-    return logits
-
-
 class _StateView(Mapping):
     """Read-only union of the per-module optimizers' ``state`` dicts (looking a key up never inserts it)."""
 
@@ -121,8 +110,9 @@ class ModuleOptimizers(torch.optim.Optimizer):
     exactly through ``load_state_dict`` (after which the shared groups are re-linked, since torch's
     ``load_state_dict`` replaces the group dicts). A module without trainable parameters has no optimizer.
 
-    In the multi-process runner each rank builds only its own module's optimizer; keeping the optimizers
-    separate here is what makes the single-process and the multi-process runs identical step for step.
+    Each module steps its own optimizer (``anytrain.greedy.module_step``); in the multi-process runner each rank
+    builds only its own module's, which is what keeps the single-process and the multi-process runs identical
+    step for step.
 
     Args:
         optimizers: one optimizer per module, in module order (``None`` for a parameter-free module).
@@ -171,6 +161,11 @@ class ModuleOptimizers(torch.optim.Optimizer):
             if o is not None:
                 o.step()
         return loss
+
+    def modules_stepped(self) -> None:
+        """Record that the modules have stepped their own optimizers (``anytrain.greedy.module_step``): an LR
+        scheduler attached to this wrapper checks the wrapper's flag, which ``step`` would have set."""
+        self._opt_called = True  # type: ignore[attr-defined]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
@@ -221,7 +216,6 @@ __all__ = [
     "ModuleOptimizers",
     "Partition",
     "build_module_optimizers",
-    "decoupled_forward",
     "module_forward",
     "module_parameters",
     "partition_stages",

@@ -1,7 +1,8 @@
 """Gradient rules over exits: how per-exit losses become parameter gradients.
 
 * ``backward(losses, rule, shared=params)`` — any rule, on any model, in any training loop.
-* ``build_rule(name, **kwargs)`` builds a rule by name; ``RULES`` lists them.
+* ``build_rule(name, **kwargs)`` builds a rule by name; ``RULES`` lists them. ``dgl`` and ``sgl`` are training
+  procedures (``anytrain.greedy``, which registers those names here when imported), not gradient rules.
 * ``orthogonalize(G)`` and ``osgd_weights(gram)`` — OSGD's Gram–Schmidt on a ``K×P`` matrix or a Gramian.
 
 TorchJD (and the solvers it imports) loads only when a TorchJD rule, ``OSGDWeighting`` or ``OSGDAggregator`` is
@@ -13,10 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 from anytrain.registry import Registry, as_config_error
-from anytrain.rules._base import GradientRule, GradientWeighting, LossWeighting, scalar_losses
+from anytrain.rules._base import (
+    PROCEDURES,
+    GradientRule,
+    GradientWeighting,
+    LossWeighting,
+    procedure_error,
+    scalar_losses,
+)
 from anytrain.rules._equilibrium import GradientEquilibrium
 from anytrain.rules._functional import backward
-from anytrain.rules._greedy import DGL, SGL
 from anytrain.rules._osgd import OSGD, orthogonalize, osgd_coefficients, osgd_weights
 from anytrain.rules._sdn import SDN
 from anytrain.rules._simple import AdaLoss, Joint, Weighted
@@ -36,8 +43,6 @@ RULES.register("sdn", "Shallow-Deep Networks: internal exit weights ramp linearl
 RULES.register(
     "gradient-equilibrium", "IMTA's Gradient Equilibrium: each stage learns from the mean of its exits' losses"
 )(GradientEquilibrium)
-RULES.register("dgl", "decoupled greedy learning: each module learns only from its own exit")(DGL)
-RULES.register("sgl", "sequential greedy learning: one module at a time, earlier ones frozen")(SGL)
 RULES.register("osgd", "orthogonalized SGD: Gram–Schmidt of per-exit gradients, earliest exit first")(OSGD)
 RULES.register("torchjd:", "a TorchJD aggregator over the per-exit gradients (torchjd:UPGrad, torchjd:PCGrad, ...)")(
     _torchjd_rule
@@ -47,6 +52,8 @@ RULES.register("torchjd:", "a TorchJD aggregator over the per-exit gradients (to
 def build_rule(name: str, **kwargs: Any) -> GradientRule:
     """Build a rule by name (a bad option is a one-line ``ConfigError``). Names of the form
     ``torchjd:<Aggregator>`` use a TorchJD aggregator."""
+    if name.lower() in PROCEDURES and name not in RULES:
+        raise procedure_error(name.lower())
     if ":" in name:
         prefix, _, rest = name.partition(":")
         factory = RULES.get(prefix + ":")
@@ -68,11 +75,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DGL",
     "OSGD",
     "RULES",
     "SDN",
-    "SGL",
     "AdaLoss",
     "GradientEquilibrium",
     "GradientRule",

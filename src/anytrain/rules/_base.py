@@ -12,28 +12,29 @@ Rules come in three kinds:
   TorchJD aggregator): the one per-exit gradient pipeline of ``anytrain.rules._pergrad`` computes the ``K×P``
   matrix ``G``, the rule maps it to a direction (:meth:`GradientWeighting.aggregate`), the pipeline writes
   ``.grad``. Nothing else differs between OSGD and its peers.
-* procedures that need their own forward pass (DGL, SGL, amortized OSGD): they only work through
-  ``rule.forward(net, x)`` then ``rule.backward(net, losses)`` on a :class:`~anytrain.nets.StagedNet`, and say so
-  when called any other way.
+* rules that need their own forward pass (amortized OSGD): they only work through ``rule.forward(net, x)`` then
+  ``rule.backward(net, losses)`` on a :class:`~anytrain.nets.StagedNet`, and say so when called any other way.
+
+DGL and SGL are not rules: they step one optimizer per module, so they are procedures over (blocks, heads) in
+``anytrain.greedy``.
 
 Two ways to call a rule:
 
 * on any model, in any loop: ``anytrain.rules.backward(losses, rule, shared=params)`` (``_functional.py``);
 * on a staged network (the trainer does this), per batch::
 
-      logits = rule.forward(net, x)                  # list, one per exit (a procedure may detach between stages)
+      logits = rule.forward(net, x)                  # list, one per exit
       losses = [criterion(z, y) for z in logits]     # one scalar per exit
       stats = rule.backward(net, losses)             # fills .grad; returns tensors for logging (no host sync)
       optimizer.step()
 
   where the shared parameters are the stages' and each exit head gets its own exit's gradient.
 
-Data parallelism: an averaging function ``reduce`` (a flat tensor averaged over the ranks in place) is passed
-explicitly to the pipeline. A gradient weighting averages ``G`` and the head gradients *before* combining them
-(the combination is non-linear); a loss weighting averages only the losses its weights depend on (AdaLoss), and
-its gradients, linear in the losses, may be averaged after the backward. The trainer hands its averaging
-function to the rule as ``rule.reducer`` and reads ``rule.reduces_own_grads`` after each step (``True`` when the
-rule's gradients already are averages).
+Data parallelism: both take an explicit ``reduce=`` (a function that averages a flat tensor over the ranks in
+place, ``anytrain.train.distributed.average_``); on return, everything the call added to ``.grad`` is the rank
+average. A gradient weighting averages ``G`` and the head gradients *before* combining them (the combination is
+non-linear); a loss weighting averages the losses its weights depend on (AdaLoss), then its gradients, which are
+linear in the losses.
 """
 
 from __future__ import annotations
@@ -47,31 +48,33 @@ from torch import Tensor, nn
 
 from anytrain.rules._pergrad import (
     ExitPartition,
+    backward_averaged,
     exit_partition,
     per_exit_grads,
     reduce_per_exit,
-    reduce_tensors,
     write_flat,
-    write_grads,
 )
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
 Reduce = Callable[[Tensor], Tensor]
+#: Training procedures that are not gradient rules (``anytrain.greedy``), named in the errors of a call that
+#: treats them as rules.
+PROCEDURES = {"dgl": "DGL", "sgl": "SGL"}
+
+
+def procedure_error(name: str) -> ValueError:
+    """The one-line error for a greedy procedure used where a gradient rule is expected."""
+    cls = PROCEDURES.get(name, name)
+    return ValueError(
+        f"{name} is a training procedure over blocks and heads, not a gradient rule: it runs its own forward pass "
+        f"and steps one optimizer per module; call anytrain.greedy.{cls}().step(net, x, y, optimizers) on an "
+        "anytrain.nets.StagedNet (or use rule: {name: " + name + "} with anytrain train)"
+    )
 
 
 class GradientRule(ABC):
     """Base class. Subclasses set ``name`` and implement :meth:`combine` (and, if needed, the other hooks)."""
 
     name: str = "rule"
-    #: Averages a tensor over the data-parallel ranks in place and returns it; set by the trainer, ``None`` when
-    #: not distributed. Passed on as the pipeline's explicit ``reduce`` argument.
-    reducer: Reduce | None = None
-
-    @property
-    def reduces_own_grads(self) -> bool:
-        """After :meth:`backward`: ``True`` when everything it wrote into ``.grad`` already is a rank average.
-        Loss weightings (linear in the losses) leave the averaging of ``.grad`` to the caller."""
-        return False
 
     def needs_forward(self) -> str | None:
         """Why this rule cannot work from the losses alone (``None`` when it can): a one-line reason, used by
@@ -85,11 +88,12 @@ class GradientRule(ABC):
         out = net(x)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
+    def backward(self, net: nn.Module, losses: Sequence[Tensor], *, reduce: Reduce | None = None) -> dict[str, Tensor]:
         """Accumulate gradients of the per-exit ``losses`` of ``net`` into ``p.grad``; return tensors worth
-        logging. ``net`` is a staged network (or, for loss weightings, any module)."""
+        logging. ``net`` is a staged network (or, for loss weightings, any module). ``reduce``: see the module
+        docstring (data parallelism)."""
         check_losses_for(net, losses, self)
-        return self.combine(list(losses), None, net=net, reduce=self.reducer)
+        return self.combine(list(losses), None, net=net, reduce=reduce)
 
     @abstractmethod
     def combine(
@@ -104,18 +108,8 @@ class GradientRule(ABC):
         belong to which exit (``None``: take it from ``net``)."""
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        """Hook for rules with a schedule over epochs (sequential greedy learning)."""
-
-    def make_optimizer(self, net: nn.Module, factory: OptimizerFactory) -> torch.optim.Optimizer:
-        """Build the optimizer(s). ``factory(net, params)`` builds one optimizer over ``params``.
-
-        Rules that need one optimizer per module (decoupled greedy learning) override this.
-        """
-        return factory(net, [p for p in net.parameters() if p.requires_grad])
-
-    def reduce_tensors(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Several tensors averaged over the ranks with one collective call (see ``_pergrad.reduce_tensors``)."""
-        return reduce_tensors(self.reducer, tensors)
+        """The training-progress hook, called by the trainer at the start of every epoch (``epoch`` counts from 0
+        of ``epochs``): for rules whose weights follow a schedule over epochs."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -147,14 +141,13 @@ class LossWeighting(GradientRule):
         reduce: Reduce | None = None,
     ) -> dict[str, Tensor]:
         total = self.total(torch.stack(losses), reduce)
-        if part is None or reduce is None:
-            # Linear in the losses: a caller that averages .grad afterwards gets the exact rank average.
+        if reduce is None:
             total.backward()
-        else:  # functional call with reduce=: average exactly what this call adds to .grad
-            params = part.trunk + part.head_params()
-            grads = torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)
-            flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
-            write_grads(params, list(flat.split([p.numel() for p in params])))
+        elif part is not None:  # functional call: exactly the parameters the losses reach
+            backward_averaged(total, part.trunk + part.head_params(), reduce)
+        else:
+            assert net is not None
+            backward_averaged(total, net.parameters(), reduce)
         return {"loss": total.detach()}
 
 
@@ -171,11 +164,6 @@ class GradientWeighting(GradientRule):
     def __init__(self) -> None:
         self._part: ExitPartition | None = None
         self._part_key: tuple[int, int] | None = None
-
-    @property
-    def reduces_own_grads(self) -> bool:
-        """The per-exit gradients are averaged over the ranks before they are combined (non-linear)."""
-        return self.reducer is not None
 
     def bind(self, net: nn.Module) -> None:
         self.net_partition(net, getattr(net, "num_exits", 1))

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from anytrain.rules._base import GradientRule, Reduce, scalar_losses
+from anytrain.rules._base import PROCEDURES, GradientRule, Reduce, procedure_error, scalar_losses
 from anytrain.rules._pergrad import graph_partition
 
 
@@ -46,7 +46,8 @@ def backward(
 
     Raises:
         ValueError: a non-scalar loss, an empty ``shared``, a ``shared`` tensor that is not a leaf requiring grad
-            or that no loss reaches, or a rule that needs its own forward pass (DGL, SGL, amortized OSGD).
+            or that no loss reaches, a rule that needs its own forward pass (amortized OSGD), or a training procedure
+            (DGL, SGL: ``anytrain.greedy``).
 
     Example:
         >>> import torch
@@ -61,6 +62,9 @@ def backward(
     """
     from anytrain.rules import build_rule
 
+    name = rule.lower() if isinstance(rule, str) else getattr(rule, "name", None)
+    if name in PROCEDURES:  # DGL/SGL: procedures over blocks and heads, never a combination of losses
+        raise procedure_error(name)
     if isinstance(rule, str):
         rule = build_rule(rule)
     elif not isinstance(rule, GradientRule):

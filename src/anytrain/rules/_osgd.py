@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from anytrain.nets.staged import require_staged
-from anytrain.rules._base import GradientWeighting, check_losses_for
-from anytrain.rules._pergrad import GRAD_METHODS, ExitPartition
+from anytrain.rules._base import GradientWeighting, Reduce, check_losses_for
+from anytrain.rules._pergrad import GRAD_METHODS, ExitPartition, backward_averaged
 
 MODES = ("global", "per_tensor")
 
@@ -287,12 +287,6 @@ class OSGD(GradientWeighting):
         self.weights: Tensor | None = None  # cached amortized coefficients a (K,)
         self._seg: tuple[tuple[int, ...], Tensor] | None = None
         self._scaled_forward = False
-        self._exact_step = True  # whether the last backward ran the exact (per-exit) update
-
-    @property
-    def reduces_own_grads(self) -> bool:
-        # An amortized step is one backward of Σ a_k L_k, linear in the losses: the caller averages its .grad.
-        return self.reducer is not None and self._exact_step
 
     def _lengths(self, part: ExitPartition, device: torch.device) -> Tensor:
         key = tuple(part.numels)
@@ -330,7 +324,7 @@ class OSGD(GradientWeighting):
         self._scaled_forward = True
         return out
 
-    def backward(self, net: nn.Module, losses: Sequence[Tensor]) -> dict[str, Tensor]:
+    def backward(self, net: nn.Module, losses: Sequence[Tensor], *, reduce: Reduce | None = None) -> dict[str, Tensor]:
         check_losses_for(net, losses, self)
         scaled, self._scaled_forward = self._scaled_forward, False
         refresh = self._refresh_due()
@@ -340,12 +334,15 @@ class OSGD(GradientWeighting):
                 "to go through rule.forward(net, x), not net(x)"
             )
         self.steps += 1
-        self._exact_step = refresh
         if not refresh:
             vec = torch.stack(list(losses))
-            vec.sum().backward()  # trunk gets Σ a_k g_k through the scaling nodes; heads their own gradient
+            # trunk gets Σ a_k g_k through the scaling nodes; heads their own gradient; linear in the losses
+            if reduce is None:
+                vec.sum().backward()
+            else:
+                backward_averaged(vec.sum(), net.parameters(), reduce)
             return {"loss": vec.detach().sum()}
-        return self.combine(list(losses), None, net=net, reduce=self.reducer)
+        return self.combine(list(losses), None, net=net, reduce=reduce)
 
     def aggregate(self, G: Tensor, part: ExitPartition) -> tuple[Tensor, dict[str, Tensor]]:
         if self.mode == "global":

@@ -25,7 +25,7 @@ pipeline: OSGD and every TorchJD aggregator read ``G`` from it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -251,12 +251,28 @@ def write_flat(part: ExitPartition, direction: Tensor, head_grads: Sequence[Sequ
 
 
 def reduce_tensors(reduce: Callable[[Tensor], Tensor] | None, tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Average several tensors over the ranks with one collective call: flatten into one buffer, ``reduce`` it,
-    return views of it shaped like the inputs (the inputs themselves when ``reduce`` is ``None``)."""
+    """Average several tensors over the ranks with one collective call per dtype and device: flatten into one
+    buffer, ``reduce`` it, return views of it shaped like the inputs (the inputs themselves when ``reduce`` is
+    ``None``)."""
     if reduce is None or not tensors:
         return list(tensors)
-    flat = reduce(torch.cat([t.reshape(-1) for t in tensors]))
-    return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    out: list[Tensor] = list(tensors)
+    for idx in groups.values():
+        flat = reduce(torch.cat([tensors[i].reshape(-1) for i in idx]))
+        for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = v.view_as(tensors[i])
+    return out
+
+
+def backward_averaged(total: Tensor, params: Iterable[Tensor], reduce: Callable[[Tensor], Tensor]) -> None:
+    """``total.backward()`` into ``params``, what it adds to ``.grad`` averaged over the ranks first (data
+    parallelism for a loss that is linear in the per-exit losses)."""
+    params = [p for p in params if p.requires_grad]
+    got = [(p, g) for p, g in zip(params, torch.autograd.grad(total, params, allow_unused=True)) if g is not None]
+    write_grads([p for p, _ in got], reduce_tensors(reduce, [g for _, g in got]))
 
 
 def reduce_per_exit(
@@ -272,3 +288,23 @@ def reduce_per_exit(
         out.append(list(rest[i : i + len(gs)]))
         i += len(gs)
     return G, out
+
+
+def average_grads_(params: Iterable[Tensor], reduce: Callable[[Tensor], Tensor]) -> None:
+    """Average the ``.grad`` of ``params`` over the data-parallel ranks in place (one collective per dtype and
+    device). Parameters without a gradient are skipped."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if any(g.is_sparse for g in grads):
+        raise ValueError("data-parallel training does not support sparse gradients")
+    if grads:
+        torch._foreach_copy_(grads, reduce_tensors(reduce, grads))
+
+
+def grads_finite(params: Iterable[Tensor]) -> Tensor | None:
+    """A 0-d bool tensor: all gradients of ``params`` are finite. One fused pass (``_foreach_norm``, L1), no
+    host synchronisation. ``None`` when no parameter has a gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads, 1)
+    return torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).sum())

@@ -1,19 +1,19 @@
 """Data-parallel training on ``torch.distributed`` (DDP semantics, our own small implementation).
 
 Every rank holds a full replica of the net, rule and optimizer, sees its own shard of each epoch
-(``BatchLoader(rank=, world_size=)``) and, after the rule has filled ``.grad``, the gradients are averaged over
-the ranks with **one** coalesced all-reduce of a flat buffer. Identical gradients into identical optimizers keep
-the replicas bit-identical, so there is never a parameter broadcast after the first one.
+(``BatchLoader(rank=, world_size=)``) and the gradients are averaged over the ranks while the rule fills
+``.grad``, with one coalesced all-reduce of a flat buffer per averaging point. Identical gradients into
+identical optimizers keep the replicas bit-identical, so there is never a parameter broadcast after the first one.
 
-What must be averaged, and where (the per-rule / per-optimizer contract):
+What must be averaged, and where (the per-rule / per-optimizer contract). The trainer passes ``reduce=average_``
+to the rule (or greedy procedure) on every step; on return, every gradient the call wrote is the rank average:
 
-* Rules *linear* in the per-exit losses (``joint``, ``weighted``, ``dgl``, ``sgl``, amortized OSGD steps):
-  averaging ``.grad`` after ``rule.backward`` is exact: ``mean_r ∇ Σ_k w_k L_k^r = ∇ Σ_k w_k mean_r L_k^r``.
+* Rules *linear* in the per-exit losses (``joint``, ``weighted``, amortized OSGD steps): the gradients of the
+  weighted sum are averaged, one all-reduce: ``mean_r ∇ Σ_k w_k L_k^r = ∇ Σ_k w_k mean_r L_k^r``.
 * Rules that combine the per-exit gradients *non-linearly* (OSGD, TorchJD aggregators): the ``K×P`` per-exit
-  gradient matrix is averaged *before* it is combined (Gram–Schmidt of the average, not average of
-  Gram–Schmidts). The trainer sets ``rule.reducer`` (see :class:`anytrain.rules.GradientRule`), which the rule
-  passes as the per-exit pipeline's ``reduce`` argument (one collective for ``G`` and the head gradients); its
-  ``reduces_own_grads`` then says so, and the trainer does not average ``.grad`` a second time.
+  gradient matrix and the head gradients are averaged, in one call, *before* they are combined (Gram–Schmidt of
+  the average, not average of Gram–Schmidts).
+* Greedy procedures (``dgl``, ``sgl``): each module's gradients are averaged before its own optimizer steps.
 * Rules with state computed from losses (``adaloss``) average the detached loss vector with the same ``reduce``
   before updating their running averages, so every rank computes the same weights.
 * Optimizers whose state is a function of the gradients only (SGD, Adam, SLBI's ``z``/``Γ``) stay identical by
@@ -30,7 +30,7 @@ CLI calls :func:`init_from_env`. ``data.batch_size`` is the *per-rank* batch, as
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from anytrain.nets.modules import ModuleOptimizers
 from anytrain.registry import ConfigError
+from anytrain.rules._pergrad import average_grads_, grads_finite, reduce_tensors
 
 Reducer = Callable[[Tensor], Tensor]
 
@@ -157,58 +158,14 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (one coalesced broadcast per dtype)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    tensors = [t.data for t in module.parameters()] + [b for b in module.buffers()]
-    for group in _by_dtype_device(tensors):
-        flat = torch.cat([t.reshape(-1) for t in group])
+    tensors = [t.data for t in module.parameters()] + list(module.buffers())
+
+    def from_src(flat: Tensor) -> Tensor:
         dist.broadcast(flat, src)
-        with torch.no_grad():
-            torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)])
+        return flat
 
-
-def _by_dtype_device(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    return list(groups.values())
-
-
-class GradAverager:
-    """Averages ``.grad`` of ``params`` over all ranks with one all-reduce of a flat buffer.
-
-    Parameters without a gradient this step are skipped; that set is the same on every rank because it depends
-    only on the (replicated) rule state, never on the data. Returns the flat averaged buffer, whose sum the
-    trainer folds into its device-side finiteness flag.
-    """
-
-    def __init__(self, params: Iterable[nn.Parameter], world_size: int) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.world_size = int(world_size)
-
-    def __call__(self) -> Tensor | None:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return None
-        total: Tensor | None = None
-        for group in _by_dtype_device(grads):
-            if any(g.is_sparse for g in group):
-                raise ValueError("data-parallel training does not support sparse gradients")
-            flat = torch.cat([g.reshape(-1) for g in group])
-            dist.all_reduce(flat)
-            flat.div_(self.world_size)
-            torch._foreach_copy_(group, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in group]), group)])
-            s = flat.sum(dtype=torch.float32)
-            total = s if total is None else total + s.to(total.device)
-        return total
-
-
-def grads_finite(params: Sequence[nn.Parameter]) -> Tensor | None:
-    """A 0-d bool tensor: all gradients of ``params`` are finite. One fused pass (``_foreach_norm``, L1), no
-    host synchronisation. ``None`` when no parameter has a gradient."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return None
-    norms = torch._foreach_norm(grads, 1)
-    return torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).sum())
+    with torch.no_grad():
+        torch._foreach_copy_(tensors, reduce_tensors(from_src, tensors))
 
 
 # ---- synchronized batch norm that also runs on CPU (gloo) ---------------------------------------------------
@@ -312,26 +269,24 @@ def _optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]
     return [optimizer]
 
 
-def prepare(net: nn.Module, rule: Any, optimizer: torch.optim.Optimizer, ctx: DistContext) -> GradAverager:
-    """Make one replica data-parallel: sync batch norm, rank 0's weights everywhere, reducers on the rule and
-    on optimizers that expose ``set_reducer``. Returns the gradient averager the trainer calls each step."""
+def prepare(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Make one replica data-parallel: sync batch norm, rank 0's weights everywhere, the reducer on optimizers
+    that expose ``set_reducer``. The rule gets ``reduce=average_`` from the trainer on every step."""
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     convert_sync_batchnorm(net, device)
     broadcast_module_(net)
-    rule.reducer = average_
     for opt in _optimizers(optimizer):
         set_reducer = getattr(opt, "set_reducer", None)
         if callable(set_reducer):
             set_reducer(average_)
-    return GradAverager(net.parameters(), ctx.world_size)
 
 
 __all__ = [
     "DistContext",
     "GlooSyncBatchNorm",
-    "GradAverager",
     "all_agree",
     "average_",
+    "average_grads_",
     "barrier",
     "broadcast_module_",
     "convert_sync_batchnorm",

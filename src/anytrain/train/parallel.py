@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import queue
@@ -56,26 +57,25 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anytrain.config import RunConfig
-from anytrain.greedy.buffer import ReplayBuffer
-from anytrain.nets.modules import module_forward, module_parameters
+from anytrain.greedy import ReplayBuffer, module_step
+from anytrain.nets import StagedNet
 from anytrain.registry import ConfigError
 
 DATA, MARK, END = 1, 2, 0
 PEER_FAILURE = 3  # exit code of a rank that stopped because a peer failed (peer unknown)
 PEER_BASE = 64  # exit code PEER_BASE + p: this rank stopped because peer rank p died or stopped answering
-FAULT_ENV = "ANYTRAIN_DGL_FAULT"  # "rank:step[:hang]": that rank dies (or hangs) at that step; for tests
-SLOW_ENV = "ANYTRAIN_DGL_SLOW"  # "rank:seconds[,rank:seconds]": those ranks sleep that long every step; for tests
+#: How the local launcher starts a rank: ``python WORKER ARGS --worker`` (the tests start their own entry point).
+WORKER = ["-m", "anytrain.train.parallel"]
 
 
 @dataclass(kw_only=True)
@@ -120,28 +120,28 @@ def _peak_rss_mb() -> float:
 
 
 # ---- the part of the run one rank owns ---------------------------------------------------------------------
+def _own(net: StagedNet, stages: Sequence[int]) -> nn.ModuleDict:
+    """A module's stages and heads, keyed as in its checkpoint shard (``stage3``, ``exit3``)."""
+    return nn.ModuleDict({f"stage{k}": net.stages[k] for k in stages} | {f"exit{k}": net.exits[k] for k in stages})
+
+
 class RankModule:
-    """Module ``rank`` of the config's network, its optimizer and schedule, and the shapes it exchanges."""
+    """Module ``rank`` of the config's network, its optimizer and schedule, and the shapes it exchanges: built
+    by the trainer's own pieces (``build_components``, ``make_train_loader``, ``build_scheduler``), so the
+    weights, batches and learning rates are those of ``anytrain train`` with ``rule: dgl``."""
 
     def __init__(self, cfg: RunConfig, rank: int, world: int, device: torch.device) -> None:
-        from anytrain.data import BatchLoader
-        from anytrain.optim import build_optimizer
-        from anytrain.rules import build_rule
+        from anytrain.greedy import DGL
         from anytrain.train.schedule import build_scheduler
-        from anytrain.train.trainer import data_from_config, model_from_config
+        from anytrain.train.trainer import build_components, make_loss_fn, make_train_loader
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        # Same construction order as the trainer (data, then seed, then model) so the weights start equal.
-        d = cfg.data
-        data = data_from_config(cfg)
-        torch.manual_seed(cfg.seed)
-        net = model_from_config(cfg, data)
-        rule = build_rule(cfg.rule.name, **cfg.rule.kwargs())
-        if getattr(rule, "name", "") != "dgl":
+        # Built on the CPU, then only this rank's part moves to the device.
+        c = build_components(cfg, torch.device("cpu"))
+        data, net, rule = c["data"], c["net"], c["rule"]
+        if not isinstance(rule, DGL):
             raise ConfigError(f"dgl-parallel needs rule.name: dgl, got {cfg.rule.name!r}")
-        rule.bind(net)
-        part = getattr(rule, "partition", None)
-        assert part is not None
+        part = rule.bind(net)
         if len(part) != world:
             raise ConfigError(
                 f"the network has {len(part)} DGL modules but {world} processes were started; "
@@ -149,49 +149,31 @@ class RankModule:
             )
         self.partition = part
         self.stages = part[rank]
-        self.loader = BatchLoader(
-            data.x_train,
-            data.y_train,
-            d.batch_size,
-            shuffle=True,
-            seed=cfg.seed,
-            augment=data.augment if d.augment else None,
-            drop_last=True,
-            device=device,
-        )
-        if len(self.loader) == 0:
-            raise ConfigError(f"data.batch_size={d.batch_size} exceeds the {len(data.y_train)} training samples")
+        self.loader = make_train_loader(cfg, data, device)
         self.data = data if rank == 0 else None
-        self.batch = d.batch_size
+        self.batch = cfg.data.batch_size
         self.epochs = cfg.train.epochs
         self.steps_per_epoch = len(self.loader)
-        self.label_smoothing = cfg.train.label_smoothing
+        self.loss_fn = make_loss_fn(cfg)
         # Dry run (eval mode, no grad: running statistics untouched) for the shapes crossing the boundaries.
         net.eval()
         with torch.no_grad():
-            s = torch.zeros(1, *data.input_shape)
-            shapes = [tuple(s.shape[1:])]
-            for k in range(net.num_exits):
-                s = net.stages[k](s)
-                if not isinstance(s, Tensor):
-                    raise ConfigError(
-                        f"dgl-parallel sends tensors between ranks; this network's stage state is a {type(s).__name__}"
-                    )
-                shapes.append(tuple(s.shape[1:]))
+            x0 = torch.zeros(1, *data.input_shape)
+            states = [x0, *net.states(x0)]
         net.train()
+        if not all(isinstance(s, Tensor) for s in states):
+            raise ConfigError("dgl-parallel sends tensors between ranks; this network's stage states are not tensors")
+        shapes = [tuple(s.shape[1:]) for s in states]
         self.in_shape = shapes[self.stages[0]]
         self.out_shape = shapes[self.stages[-1] + 1]
         self.dtype = next(net.parameters()).dtype
-        o, sched = cfg.optimizer, cfg.schedule
-        params = module_parameters(net, self.stages)
-        self.optimizer = build_optimizer(o.name, net, params, **o.kwargs())
+        self.optimizer = c["optimizer"].optimizers[rank]
+        s = cfg.schedule
         total = self.epochs * self.steps_per_epoch
-        self.scheduler = build_scheduler(sched.name, self.optimizer, total, self.steps_per_epoch, **sched.kwargs())
+        self.scheduler = build_scheduler(s.name, self.optimizer, total, self.steps_per_epoch, **s.kwargs())
         # Keep only this rank's stages and heads; the rest of the network is freed.
         self.net = net
-        self.own = nn.ModuleDict(
-            {f"stage{k}": net.stages[k] for k in self.stages} | {f"exit{k}": net.exits[k] for k in self.stages}
-        )
+        self.own = _own(net, self.stages)
         for k in range(net.num_exits):
             if k not in self.stages:
                 net.stages[k] = nn.Identity()
@@ -203,20 +185,14 @@ class RankModule:
         self.loss_steps = 0
         self.since = time.perf_counter()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return module_forward(self.net, self.stages, x)
-
-    def update(self, logits: list[Tensor], y: Tensor) -> Tensor:
-        """Same order as the trainer's step: the module's exit losses summed, backward, step, schedule."""
-        loss = torch.stack([F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits]).sum()
-        loss.backward()
-        self.optimizer.step()
+    def step(self, x: Tensor, y: Tensor, send: Callable[[Tensor], None] | None = None) -> None:
+        """One DGL module step (``anytrain.greedy.module_step``, as in the trainer), then the schedule's.
+        ``send`` gets the detached output before the backward pass, so the next rank starts at once."""
+        s = module_step(self.net, self.stages, x, y, self.optimizer, loss_fn=self.loss_fn, emit=send)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
-        self.loss_sum += loss.detach()
+        self.loss_sum += s.losses.sum()
         self.loss_steps += 1
-        return loss.detach()
 
     def report(self, epoch: int) -> None:
         """One progress line per rank and epoch (printed when the rank checkpoints the epoch)."""
@@ -245,7 +221,7 @@ class RankModule:
             "buffer": None if buffer is None else buffer.state_dict(),
         }
 
-    def restore(self, shard: dict[str, Any], buffer: ReplayBuffer | None) -> None:
+    def restore(self, shard: dict[str, Any]) -> None:
         if shard["world"] != self.world or list(shard["stages"]) != list(self.stages):
             raise ConfigError(f"checkpoint of rank {self.rank} was written for another partition of the network")
         self.own.load_state_dict(shard["module"])
@@ -253,8 +229,6 @@ class RankModule:
         self.scheduler.load_state_dict(shard["scheduler"])
         torch.set_rng_state(shard["rng"].cpu())
         self.steps = int(shard["steps"])
-        if buffer is not None and shard["buffer"] is not None:
-            buffer.load_state_dict(shard["buffer"])
 
 
 # ---- point-to-point channel -----------------------------------------------------------------------------------
@@ -304,6 +278,9 @@ class Channel:
         self.sends.append((w1, w2, header, act))  # keep the tensors alive until the sends complete
         while len(self.sends) > self.inflight:
             self._drain_one()
+
+    def send_data(self, epoch: int, y: Tensor, x: Tensor) -> None:
+        self.send(DATA, epoch, y, x)
 
     def _drain_one(self) -> None:
         w1, w2, _, _ = self.sends.popleft()
@@ -359,34 +336,12 @@ def _save_shard(rm: RankModule, out: Path, epoch: int | None, buffer: ReplayBuff
         atomic_write_text(d / "COMPLETE", f"{rm.world}\n")
 
 
-def _fault(rank: int, step: int) -> None:
-    """Fault injection for the tests: ``ANYTRAIN_DGL_FAULT=rank:step`` kills that rank at that step,
-    ``rank:step:hang`` makes it stop answering (sleep forever) instead."""
-    for item in filter(None, os.environ.get(SLOW_ENV, "").split(",")):
-        r, secs = item.split(":")
-        if int(r) == rank:
-            time.sleep(float(secs))
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec:
-        r, s, *mode = spec.split(":")
-        if int(r) == rank and int(s) == step:
-            print(f"rank {rank}: injected fault at step {step}", file=sys.stderr, flush=True)
-            if mode == ["hang"]:
-                while True:
-                    time.sleep(1.0)
-            os._exit(17)
-
-
 # ---- the per-rank loops -------------------------------------------------------------------------------------
 def _run_producer(rm: RankModule, ch: Channel | None, out: Path, start_epoch: int) -> None:
     for epoch in range(start_epoch, rm.epochs):
         rm.loader.set_epoch(epoch)
         for x, y in rm.loader:
-            _fault(rm.rank, rm.steps)
-            z, logits = rm.forward(x)
-            if ch is not None:  # send first: the next rank starts while this one runs its backward pass
-                ch.send(DATA, epoch, y, z.detach())
-            rm.update(logits, y)
+            rm.step(x, y, None if ch is None else functools.partial(ch.send_data, epoch, y))
         _save_shard(rm, out, epoch, None)
         if ch is not None:
             ch.send(MARK, epoch, None, None)
@@ -403,11 +358,7 @@ def _consume_sync(rm: RankModule, ch: Channel, out: Path, last: bool) -> None:
         if flag != END:
             pending = ch.post_recv()  # prefetch the next message while this one is processed
         if flag == DATA:
-            _fault(rm.rank, rm.steps)
-            z, logits = rm.forward(x)
-            if not last:
-                ch.send(DATA, epoch, y, z.detach())
-            rm.update(logits, y)
+            rm.step(x, y, None if last else functools.partial(ch.send_data, epoch, y))
         elif flag == MARK:
             _save_shard(rm, out, epoch, None)
             if not last:
@@ -485,11 +436,7 @@ def _consume_replay(
                 raise PeerError(f"rank {rm.rank} received no data before the end of the data", rm.rank - 1)
             continue
         x, y = got
-        _fault(rm.rank, rm.steps)
-        z, logits = rm.forward(x)
-        if not last:
-            ch.send(DATA, epoch, y, z.detach())
-        rm.update(logits, y)
+        rm.step(x, y, None if last else functools.partial(ch.send_data, epoch, y))
     _save_shard(rm, out, None, buf)
     if not last:
         ch.send(END, epoch, None, None)
@@ -498,26 +445,16 @@ def _consume_replay(
     (out / f"buffer_rank{rm.rank}.json").write_text(json.dumps(buf.stats()) + "\n")
 
 
-def _evaluate(cfg: RunConfig, out: Path, world: int, device: torch.device) -> dict[str, Any]:
-    """Rank 0, after every rank is done: assemble the final shards into the full network and evaluate it."""
-    from anytrain.eval.anytime import accuracy_per_exit, exit_logits
+def _assemble(cfg: RunConfig, out: Path, world: int, data: Any, device: torch.device) -> StagedNet:
+    """Rank 0, after every rank is done: the full network from the final shards."""
     from anytrain.train.checkpoint import load_checkpoint
-    from anytrain.train.trainer import data_from_config, model_from_config
+    from anytrain.train.trainer import model_from_config
 
-    data = data_from_config(cfg, augment=False)
     net = model_from_config(cfg, data)
-    full: dict[str, Tensor] = {}
     for r in range(world):
         shard = load_checkpoint(_ckpt_dir(out, None) / f"rank{r}.pt", map_location="cpu")
-        for key, v in shard["module"].items():
-            kind, _, rest = key.partition(".")
-            idx = int(kind.removeprefix("stage").removeprefix("exit"))
-            full[f"{'stages' if kind.startswith('stage') else 'exits'}.{idx}.{rest}"] = v
-    net.load_state_dict(full)
-    net.to(device)
-    logits = exit_logits(net, data.x_test.to(device), cfg.data.eval_batch_size)
-    acc = accuracy_per_exit(logits, data.y_test.to(device))
-    return {"net": net, "acc": acc, "flops": net.flops_per_exit(data.input_shape)}
+        _own(net, shard["stages"]).load_state_dict(shard["module"])
+    return net.to(device)
 
 
 def _barrier() -> None:
@@ -564,7 +501,7 @@ def worker(cfg: RunConfig, out: Path, opts: ParallelOptions) -> int:
             last_epoch = latest_complete_epoch(out)
             if last_epoch is not None:
                 shard = load_checkpoint(_ckpt_dir(out, last_epoch) / f"rank{rank}.pt", map_location=device)
-                rm.restore(shard, None)
+                rm.restore(shard)
                 saved_buffer = shard["buffer"]
                 start_epoch = last_epoch + 1
         ch = None
@@ -617,35 +554,30 @@ def _finish(
     start_epoch: int,
     rm: RankModule,
 ) -> None:
-    from anytrain.train.checkpoint import atomic_write_json, save_checkpoint
+    """Rank 0: the assembled network's ``model.pt`` and the trainer's evaluation and ``metrics.json``, with the
+    runner's timings under ``parallel``."""
+    from anytrain.train.checkpoint import save_checkpoint
+    from anytrain.train.trainer import write_metrics
 
-    ev = _evaluate(cfg, out, world, device)
-    save_checkpoint(out / "model.pt", {"model": ev["net"].state_dict()})
+    assert rm.data is not None  # rank 0 keeps its data for the evaluation
+    net = _assemble(cfg, out, world, rm.data, device)
+    save_checkpoint(out / "model.pt", {"model": net.state_dict()})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     samples = (rm.epochs - start_epoch) * rm.steps_per_epoch * rm.batch
-    metrics = {
-        "rule": "dgl",
-        "optimizer": cfg.optimizer.name,
-        "dataset": cfg.data.name,
-        "model": cfg.model.name,
-        "epochs": rm.epochs,
-        "seed": cfg.seed,
-        "exits": [{"index": k, "accuracy": a, "flops": int(f)} for k, (a, f) in enumerate(zip(ev["acc"], ev["flops"]))],
-        "parallel": {
-            "world_size": world,
-            "buffer": opts.buffer,
-            "backend": dist.get_backend(),
-            "partition": rm.partition,
-            "wall_seconds": wall,
-            "samples": samples,
-            "samples_per_second": samples / wall if wall > 0 else 0.0,
-            "ranks": ranks,
-        },
+    parallel = {
+        "world_size": world,
+        "buffer": opts.buffer,
+        "backend": dist.get_backend(),
+        "partition": rm.partition,
+        "wall_seconds": wall,
+        "samples": samples,
+        "samples_per_second": samples / wall if wall > 0 else 0.0,
+        "ranks": ranks,
     }
-    atomic_write_json(out / "metrics.json", metrics)
+    m = write_metrics(cfg, rm.data, net, out, steps=rm.steps, seconds=wall, extra={"parallel": parallel})
     print(
         f"dgl-parallel: {world} ranks, {samples / max(wall, 1e-9):.0f} samples/s; test accuracy per exit: "
-        + " ".join(f"{a:.3f}" for a in ev["acc"]),
+        + " ".join(f"{e['accuracy']:.3f}" for e in m["exits"]),
         flush=True,
     )
 
@@ -696,9 +628,7 @@ def launch(worker_argv: list[str], nproc: int, env: dict[str, str] | None = None
     procs = []
     for r in range(nproc):
         e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-        procs.append(
-            subprocess.Popen([sys.executable, "-m", "anytrain.train.parallel", *worker_argv, "--worker"], env=e)
-        )
+        procs.append(subprocess.Popen([sys.executable, *WORKER, *worker_argv, "--worker"], env=e))
     try:
         while True:
             codes = [p.poll() for p in procs]

@@ -29,10 +29,12 @@ once, when the run finishes, on the final model and on the selected one.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from anytrain.eval.anytime import (
     exit_costs,
     exit_scores,
 )
+from anytrain.greedy import GreedyProcedure, ModuleOptimizers, build_module_optimizers
 from anytrain.nets import StagedNet, build_model
 from anytrain.optim import build_optimizer
 from anytrain.registry import ConfigError, as_config_error
@@ -115,6 +118,16 @@ def model_from_config(cfg: RunConfig, data: DataBundle | StreamingData) -> Stage
         raise ConfigError(f"model {m.name!r}: a layer would have no weights (a size of 0)") from None
 
 
+def optimizer_for(
+    rule: GradientRule | GreedyProcedure, net: StagedNet, factory: Callable[..., torch.optim.Optimizer]
+) -> torch.optim.Optimizer:
+    """The optimizer of a run: ``factory(net, params)`` over every trainable parameter, or, for a greedy
+    procedure, one such optimizer per module (``ModuleOptimizers``)."""
+    if isinstance(rule, GreedyProcedure):
+        return build_module_optimizers(net, rule.bind(net), factory)
+    return factory(net, [p for p in net.parameters() if p.requires_grad])
+
+
 def build_components(
     cfg: RunConfig, device: torch.device | None = None, data: DataBundle | StreamingData | None = None
 ) -> dict[str, Any]:
@@ -135,8 +148,35 @@ def build_components(
         return build_optimizer(o.name, model, params, **o.kwargs())
 
     with as_config_error(f"optimizer {o.name!r}"):
-        optimizer = rule.make_optimizer(net, factory)
+        optimizer = optimizer_for(rule, net, factory)
     return {"device": device, "data": data, "net": net, "rule": rule, "optimizer": optimizer}
+
+
+def make_loss_fn(cfg: RunConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-exit training loss a config asks for: cross-entropy (with ``train.label_smoothing``)."""
+    return functools.partial(F.cross_entropy, label_smoothing=cfg.train.label_smoothing)
+
+
+def make_train_loader(
+    cfg: RunConfig, data: DataBundle | StreamingData, device: torch.device, rank: int = 0, world_size: int = 1
+) -> Any:
+    """The training loader a config asks for (shuffled, dropping the last partial batch; ``rank``'s shard for
+    data parallelism); a batch larger than the training set is a one-line ``ConfigError``."""
+    d = cfg.data
+    loader = train_loader(
+        data,
+        d.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        augment=data.augment if d.augment else None,
+        drop_last=True,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+    )
+    if len(loader) == 0:
+        raise ConfigError(f"data.batch_size={d.batch_size} exceeds the {data.split_len('train')} training samples")
+    return loader
 
 
 class Trainer:
@@ -165,40 +205,29 @@ class Trainer:
         self.device: torch.device = c["device"]
         self.data: DataBundle | StreamingData = c["data"]
         self.net: StagedNet = c["net"]
-        self.rule: GradientRule = c["rule"]
+        self.rule: GradientRule | GreedyProcedure = c["rule"]
         self.optimizer: torch.optim.Optimizer = c["optimizer"]
+        if isinstance(self.rule, GreedyProcedure) and not isinstance(self.optimizer, ModuleOptimizers):
+            raise ConfigError(f"rule {self.rule.name!r} steps one optimizer per module: pass a ModuleOptimizers")
         self.epochs = t.epochs
         # Data parallelism (torchrun): each rank trains on its shard; only rank 0 writes (see train.distributed).
         self.dist = dp.current_context()
-        self.grad_sync = dp.prepare(self.net, self.rule, self.optimizer, self.dist) if self.dist.enabled else None
+        if self.dist.enabled:
+            dp.prepare(self.net, self.optimizer)
+        self.reduce = dp.average_ if self.dist.enabled else None  # passed to the rule on every step
         self._params = [p for p in self.net.parameters() if p.requires_grad]
         self._grads_ok: Tensor | None = None
-        self.loader = train_loader(
-            self.data,
-            cfg.data.batch_size,
-            shuffle=True,
-            seed=cfg.seed,
-            augment=self.data.augment if cfg.data.augment else None,
-            drop_last=True,
-            device=self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        if len(self.loader) == 0:
-            raise ConfigError(
-                f"data.batch_size={cfg.data.batch_size} exceeds the {self.data.split_len('train')} training samples"
-            )
+        self.loss_fn = make_loss_fn(cfg)
+        self.loader = make_train_loader(cfg, self.data, self.device, self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.loader)
         s = cfg.schedule
         total = self.epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(s.name, self.optimizer, total, self.steps_per_epoch, **s.kwargs())
-        self.label_smoothing = t.label_smoothing
         self.start_epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best_score = -1.0
-        self.flops_stage, self.flops_head = self.net.flops_breakdown(self.data.input_shape)
-        self.flops = self.net.flops_per_exit(self.data.input_shape)
+        self.net.flops_breakdown(self.data.input_shape)  # a dry run: a net that cannot take the input fails here
         if resume:
             self._restore()
         self.writer: Any = None
@@ -265,19 +294,21 @@ class Trainer:
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One optimisation step. Returns the per-exit losses (detached, on device) and the rule's stats.
         Nothing here synchronises with the host."""
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.rule.forward(self.net, x)
-        losses = [F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits]
-        stats = self.rule.backward(self.net, losses)
-        if self.grad_sync is not None and not self.rule.reduces_own_grads:
-            gsum = self.grad_sync()  # one all-reduce of all gradients; its sum is finite iff every entry is
-            self._grads_ok = None if gsum is None else torch.isfinite(gsum)
-        else:  # one fused pass over the gradients (L1 norms), still no host sync
-            self._grads_ok = dp.grads_finite(self._params)
-        self.optimizer.step()
+        if isinstance(self.rule, GreedyProcedure):  # every module steps its own optimizer (greedy.module_step)
+            assert isinstance(self.optimizer, ModuleOptimizers)
+            losses, stats, self._grads_ok = self.rule.step(
+                self.net, x, y, self.optimizer, loss_fn=self.loss_fn, reduce=self.reduce
+            )
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            per_exit = [self.loss_fn(z, y) for z in self.rule.forward(self.net, x)]
+            stats = self.rule.backward(self.net, per_exit, reduce=self.reduce)  # .grad: rank averages
+            self._grads_ok = dp.grads_finite(self._params)  # one fused pass (L1 norms), no host sync
+            self.optimizer.step()
+            losses = torch.stack([l.detach() for l in per_exit])
         self.scheduler.step()
         self.step += 1
-        return torch.stack([l.detach() for l in losses]), stats
+        return losses, stats
 
     # ---- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> tuple[Tensor, Tensor]:
@@ -487,43 +518,62 @@ class Trainer:
     def finish(self, seconds: float) -> dict[str, Any]:
         if not self.dist.is_main:
             return {}
-        test = self.evaluate("test")
-        acc = test[1].double().mean(1).tolist()
-        val = self.evaluate("val") if self.has_val else None
-        val_acc = val[1].double().mean(1).tolist() if val is not None else [None] * len(acc)
-        costs = exit_costs(self.flops_stage, self.flops_head)
-        metrics: dict[str, Any] = {
-            "rule": self.cfg.rule.name,
-            "optimizer": self.cfg.optimizer.name,
-            "dataset": self.data.name,
-            "model": self.cfg.model.name,
-            "epochs": self.epochs,
-            "seed": self.cfg.seed,
-            "steps": self.step,
-            "split_sizes": {s: self.data.split_len(s) for s in ("train", "val", "test")},
-            # accuracy (contract) and test: the final model on the test split; val: the same on validation
-            "exits": [
-                {"index": k, "accuracy": a, "flops": int(f), "val": v, "test": a}
-                for k, (a, v, f) in enumerate(zip(acc, val_acc, self.flops))
-            ],
-            "auc": anytime_auc(self.flops, acc),
-            "mean_exit_accuracy": sum(acc) / len(acc),
-            "selected": self._selected(),
-            "stage_flops": self.flops_stage,
-            "head_flops": self.flops_head,
-            "early_exit_flops": costs,
-            # thresholds fitted on validation for each average budget, then applied once to test
-            "budgeted": budgeted_curve(val, test, costs, default_budgets(costs)) if val is not None else [],
-            "train_seconds_this_session": seconds,
-            **self._extra_metrics(),
-        }
-        scores = {"test_conf": test[0], "test_correct": test[1], "costs": torch.tensor(costs)}
-        if val is not None:
-            scores.update(val_conf=val[0], val_correct=val[1])
-        save_checkpoint(self.out / "exit_scores.pt", scores)
-        if self.cfg.train.plots:
-            from anytrain.eval.plots import plot_run
+        extra = {"selected": self._selected(), **self._extra_metrics()}
+        return write_metrics(self.cfg, self.data, self.net, self.out, steps=self.step, seconds=seconds, extra=extra)
 
-            plot_run(self.out, metrics)
-        atomic_write_json(self.out / "metrics.json", metrics)  # last: its presence marks the run as finished
-        return metrics
+
+def write_metrics(
+    cfg: RunConfig,
+    data: DataBundle | StreamingData,
+    net: StagedNet,
+    out: Path,
+    *,
+    steps: int,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the final ``net`` once on the test split (and validation), write ``exit_scores.pt``, the plots
+    and, last, ``metrics.json`` (whose presence marks the run as finished); return the metrics. ``extra`` keys
+    are added (the selected model, optimizer figures, the multi-process runner's timings)."""
+    bs = cfg.data.eval_batch_size
+    test = exit_scores(net, data.batches("test", bs))
+    acc = test[1].double().mean(1).tolist()
+    val = exit_scores(net, data.batches("val", bs)) if data.split_len("val") > 0 else None
+    val_acc = val[1].double().mean(1).tolist() if val is not None else [None] * len(acc)
+    stage_flops, head_flops = net.flops_breakdown(data.input_shape)
+    flops = net.flops_per_exit(data.input_shape)
+    costs = exit_costs(stage_flops, head_flops)
+    metrics: dict[str, Any] = {
+        "rule": cfg.rule.name,
+        "optimizer": cfg.optimizer.name,
+        "dataset": data.name,
+        "model": cfg.model.name,
+        "epochs": cfg.train.epochs,
+        "seed": cfg.seed,
+        "steps": steps,
+        "split_sizes": {s: data.split_len(s) for s in ("train", "val", "test")},
+        # accuracy (contract) and test: the final model on the test split; val: the same on validation
+        "exits": [
+            {"index": k, "accuracy": a, "flops": int(f), "val": v, "test": a}
+            for k, (a, v, f) in enumerate(zip(acc, val_acc, flops))
+        ],
+        "auc": anytime_auc(flops, acc),
+        "mean_exit_accuracy": sum(acc) / len(acc),
+        "stage_flops": stage_flops,
+        "head_flops": head_flops,
+        "early_exit_flops": costs,
+        # thresholds fitted on validation for each average budget, then applied once to test
+        "budgeted": budgeted_curve(val, test, costs, default_budgets(costs)) if val is not None else [],
+        "train_seconds_this_session": seconds,
+        **(extra or {}),
+    }
+    scores = {"test_conf": test[0], "test_correct": test[1], "costs": torch.tensor(costs)}
+    if val is not None:
+        scores.update(val_conf=val[0], val_correct=val[1])
+    save_checkpoint(out / "exit_scores.pt", scores)
+    if cfg.train.plots:
+        from anytrain.eval.plots import plot_run
+
+        plot_run(out, metrics)
+    atomic_write_json(out / "metrics.json", metrics)  # last: its presence marks the run as finished
+    return metrics

@@ -1,0 +1,329 @@
+"""Decoupled and sequential greedy learning as procedures over (blocks, heads) (Belilovsky et al., ICML 2020).
+
+Everything here is built from one piece, :func:`module_step`: module ``j`` (stages ``a_j..b_j`` and their exit
+heads) takes a detached input, computes the losses of its exits, backpropagates them inside itself and steps its
+own optimizer::
+
+    x_j = sg(f_j(x_{j-1}))
+    g_j = ∇_{θ_j} Σ_{k=a_j..b_j} L_k          (inner exits are probes on detached features)
+    θ_j ← opt_j(θ_j, g_j)                     one optimizer instance per module
+
+The synchronous procedures below, asynchronous DGL (``anytrain.greedy.async_dgl``) and the multi-process runner
+(``anytrain.train.parallel``) all call it, so the three cannot drift apart.
+
+These are not gradient rules: they run the forward pass themselves and step one optimizer per module, so they
+take ``(x, y)`` and the per-module optimizers, never losses (your own blocks and heads: ``StagedNet(blocks,
+heads)``, no copies; see :class:`DGL`). ``rule: {name: dgl}`` / ``{name: sgl}`` in a config selects them
+(importing this package registers the names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anytrain.nets.modules import ModuleOptimizers, Partition, module_forward, partition_stages
+from anytrain.nets.staged import StagedNet, detach_state, require_staged
+from anytrain.rules._pergrad import average_grads_, grads_finite
+
+LossFn = Callable[[Tensor, Any], Tensor] | Sequence[Callable[[Tensor, Any], Tensor]]
+Reduce = Callable[[Tensor], Tensor]
+Optimizers = ModuleOptimizers | Sequence[torch.optim.Optimizer | None]
+Step = tuple[Tensor, dict[str, Tensor], Tensor | None]  # per-exit losses, stats, all gradients finite
+
+
+class ModuleStep(NamedTuple):
+    """What :func:`module_step` returns; tensors stay on the device (no host synchronisation)."""
+
+    output: Any  #: the module's output state, detached: the next module's input
+    logits: list[Tensor]  #: the logits of the module's exits (detached), earliest first
+    losses: Tensor  #: the losses of the module's exits (detached), earliest first
+    grads_finite: Tensor | None  #: every gradient of the step was finite (``None``: no optimizer)
+
+
+def module_step(
+    net: StagedNet,
+    stages: Sequence[int],
+    x: Any,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+    reduce: Reduce | None = None,
+    emit: Callable[[Any], None] | None = None,
+) -> ModuleStep:
+    """One step of one greedy module: forward its stages on the detached input ``x``, the losses of its exits,
+    backward, then its optimizer's step.
+
+    Args:
+        net: the staged network; ``stages`` are this module's stage indices (``partition_stages``).
+        x: the module's input (a data batch, or the previous module's output); it is detached here.
+        y: the labels.
+        optimizer: this module's optimizer (over ``module_parameters(net, stages)``); ``None`` for a module
+            without trainable parameters (it only forwards).
+        loss_fn: ``loss_fn(logits, y)``, a scalar (or a list, one such function per exit); the module minimises
+            the sum over its exits.
+        reduce: data parallelism: averages a flat tensor over the ranks in place; the module's gradients are
+            averaged before its step.
+        emit: called with the detached output right after the forward pass, before the backward pass (the
+            multi-process runner sends it on while this module computes its update).
+
+    Returns:
+        :class:`ModuleStep`: the detached output, logits and losses, and a device-side flag that every gradient
+        was finite.
+    """
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    out, logits = module_forward(net, stages, detach_state(x))
+    out = detach_state(out)
+    if emit is not None:
+        emit(out)
+    losses = torch.stack([criterion(loss_fn, k)(z, y) for k, z in zip(stages, logits)])
+    finite = None
+    if optimizer is not None:
+        losses.sum().backward()  # the graph starts at the detached input: only this module's parameters
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if reduce is not None:
+            average_grads_(params, reduce)
+        finite = grads_finite(params)
+        optimizer.step()
+    return ModuleStep(out, [z.detach() for z in logits], losses.detach(), finite)
+
+
+def criterion(loss_fn: LossFn, k: int) -> Callable[[Tensor, Any], Tensor]:
+    """The loss function of exit ``k``: ``loss_fn`` itself, or its entry ``k`` when it is a list."""
+    return loss_fn[k] if isinstance(loss_fn, Sequence) else loss_fn
+
+
+def _all_finite(flags: Sequence[Tensor | None]) -> Tensor | None:
+    present = [f for f in flags if f is not None]
+    return torch.stack(present).all() if present else None
+
+
+class GreedyProcedure:
+    """A training procedure over the modules of a staged network: one optimizer per module, steps by
+    :func:`module_step`. Subclasses implement :meth:`step`."""
+
+    name = "greedy"
+
+    def __init__(self, modules: int | Sequence[int] | None = None) -> None:
+        if modules is not None and not isinstance(modules, int):
+            modules = [int(m) for m in modules]
+        self.modules = modules
+        self.partition: Partition | None = None
+
+    def bind(self, net: nn.Module) -> Partition:
+        """Check ``net`` (a :class:`~anytrain.nets.StagedNet`) and return its partition into modules."""
+        staged = require_staged(net, self.name)
+        self.partition = partition_stages(staged.num_exits, self.modules)
+        return self.partition
+
+    def step(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        optimizers: Optimizers,
+        *,
+        loss_fn: LossFn = F.cross_entropy,
+        reduce: Reduce | None = None,
+    ) -> Step:
+        """One training step on the batch ``(x, y)``: returns the per-exit losses (a detached K-vector), stats to
+        log and a device-side flag that every gradient was finite. Nothing here synchronises with the host.
+
+        ``optimizers``: one per module (``build_module_optimizers``); ``loss_fn`` and ``reduce`` as in
+        :func:`module_step`."""
+        staged = require_staged(net, self.name)
+        part = self.partition if self.partition is not None else self.bind(staged)
+        if isinstance(optimizers, ModuleOptimizers):
+            optimizers.modules_stepped()  # each module steps its own optimizer
+            optimizers = optimizers.optimizers
+        opts = list(optimizers)
+        if len(opts) != len(part):
+            raise ValueError(
+                f"{self.name}: {len(opts)} optimizers for {len(part)} modules; build them with "
+                "anytrain.greedy.build_module_optimizers(net, procedure.bind(net), factory)"
+            )
+        return self._step(staged, part, opts, x, y, loss_fn, reduce)
+
+    def _step(
+        self,
+        net: StagedNet,
+        part: Partition,
+        opts: list[Any],
+        x: Any,
+        y: Tensor,
+        loss_fn: LossFn,
+        reduce: Reduce | None,
+    ) -> Step:
+        raise NotImplementedError
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Hook for procedures with a schedule over epochs (sequential greedy learning)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return f"modules={self.modules}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class DGL(GreedyProcedure):
+    """Decoupled greedy learning (synchronous): every module steps on every batch, from its own exits' losses.
+
+    With one module (``modules=1``) the trunk receives plain backprop of the last exit's loss.
+
+    Args:
+        modules: ``None`` (one module per stage), an int (that many modules, stages split evenly) or a list
+            of stages per module.
+
+    Example:
+        >>> from anytrain.greedy import build_module_optimizers
+        >>> from anytrain.nets import StagedNet
+        >>> net = StagedNet([nn.Linear(3, 4), nn.Linear(4, 4)], [nn.Linear(4, 2), nn.Linear(4, 2)])
+        >>> dgl = DGL()
+        >>> opts = build_module_optimizers(net, dgl.bind(net), lambda n, ps: torch.optim.SGD(ps, lr=0.1))
+        >>> losses, stats, ok = dgl.step(net, torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]), opts)
+        >>> losses.shape, sorted(stats), bool(ok)
+        (torch.Size([2]), ['loss_m0', 'loss_m1'], True)
+
+    Reference: E. Belilovsky, M. Eickenberg, E. Oyallon. Decoupled Greedy Learning of CNNs. ICML 2020.
+    """
+
+    name = "dgl"
+
+    def _step(
+        self,
+        net: StagedNet,
+        part: Partition,
+        opts: list[Any],
+        x: Any,
+        y: Tensor,
+        loss_fn: LossFn,
+        reduce: Reduce | None,
+    ) -> Step:
+        state: Any = x
+        steps = []
+        for stages, opt in zip(part, opts):
+            s = module_step(net, stages, state, y, opt, loss_fn=loss_fn, reduce=reduce)
+            state = s.output
+            steps.append(s)
+        stats = {f"loss_m{j}": s.losses[-1] for j, s in enumerate(steps)}
+        return torch.cat([s.losses for s in steps]), stats, _all_finite([s.grads_finite for s in steps])
+
+
+class SGL(GreedyProcedure):
+    """Sequential greedy learning: module ``j`` trains alone for its share of the epochs, then is frozen.
+
+    During module ``j``'s phase, modules ``< j`` run under ``torch.no_grad`` in eval mode (batch-norm uses its
+    running statistics and stops updating them, dropout is off: a frozen module is a fixed function, so the
+    input distribution of module ``j`` is stationary); module ``j`` makes a :func:`module_step`; modules ``> j``
+    are not run at all — their losses are those of zero logits (uniform prediction, ``log C``) so the caller
+    still sees one loss per exit. Evaluation runs the whole network as usual.
+
+    Phases: by default the epochs are split evenly, the last ``epochs mod M`` modules getting one more epoch.
+    ``epochs_per_module`` sets them explicitly; epochs past their sum keep training the last module. Call
+    :meth:`on_epoch_start` at the start of every epoch.
+
+    The learning-rate schedule is the trainer's, over the whole run (it is not restarted per phase); use a
+    constant schedule, or per-phase schedules in your own loop, if each module should see the full schedule.
+    """
+
+    name = "sgl"
+
+    def __init__(
+        self, modules: int | Sequence[int] | None = None, epochs_per_module: Sequence[int] | None = None
+    ) -> None:
+        super().__init__(modules)
+        if epochs_per_module is not None:
+            epochs_per_module = [int(e) for e in epochs_per_module]
+            if any(e < 0 for e in epochs_per_module):
+                raise ValueError(f"epochs_per_module must be non-negative, got {epochs_per_module}")
+        self.epochs_per_module = epochs_per_module
+        self.active = 0
+        self.epoch = 0
+
+    def phases(self, epochs: int, num_modules: int) -> list[int]:
+        """Epochs of each module's phase."""
+        if self.epochs_per_module is not None:
+            if len(self.epochs_per_module) != num_modules:
+                raise ValueError(
+                    f"epochs_per_module has {len(self.epochs_per_module)} entries for {num_modules} modules"
+                )
+            if sum(self.epochs_per_module) > epochs:
+                raise ValueError(
+                    f"epochs_per_module sums to {sum(self.epochs_per_module)} but the run has {epochs} epochs"
+                )
+            return list(self.epochs_per_module)
+        if epochs < num_modules:
+            raise ValueError(f"sgl needs at least one epoch per module: {epochs} epochs for {num_modules} modules")
+        q, r = divmod(epochs, num_modules)
+        return [q + (1 if j >= num_modules - r else 0) for j in range(num_modules)]
+
+    def module_at(self, epoch: int, epochs: int, num_modules: int) -> int:
+        acc = 0
+        for j, n in enumerate(self.phases(epochs, num_modules)):
+            acc += n
+            if epoch < acc:
+                return j
+        return num_modules - 1
+
+    def bind(self, net: nn.Module) -> Partition:
+        part = super().bind(net)
+        self.active = min(self.active, len(part) - 1)
+        return part
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        if self.partition is None:
+            raise ValueError("sgl: bind(net) must be called before training")
+        self.epoch = int(epoch)
+        self.active = self.module_at(int(epoch), int(epochs), len(self.partition))
+
+    def _step(
+        self,
+        net: StagedNet,
+        part: Partition,
+        opts: list[Any],
+        x: Any,
+        y: Tensor,
+        loss_fn: LossFn,
+        reduce: Reduce | None,
+    ) -> Step:
+        before: list[Tensor] = []
+        state: Any = x
+        with torch.no_grad():  # the frozen modules: fixed functions
+            for stages in part[: self.active]:
+                for k in stages:
+                    net.stages[k].eval()
+                    net.exits[k].eval()
+                state, logits = module_forward(net, stages, state)
+                before += [criterion(loss_fn, k)(z, y) for k, z in zip(stages, logits)]
+        s = module_step(net, part[self.active], state, y, opts[self.active], loss_fn=loss_fn, reduce=reduce)
+        zero = [
+            criterion(loss_fn, k)(torch.zeros_like(s.logits[-1]), y).detach()
+            for k in range(len(before) + len(s.losses), len(net.exits))
+        ]
+        return torch.stack([*before, *s.losses, *zero]), {"loss_active": s.losses[-1]}, s.grads_finite
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": self.active, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active = int(state["active"])
+        self.epoch = int(state["epoch"])
+
+    def extra_repr(self) -> str:
+        return f"modules={self.modules}, epochs_per_module={self.epochs_per_module}"
+
+
+__all__ = ["DGL", "SGL", "GreedyProcedure", "ModuleStep", "module_step"]
