@@ -10,6 +10,9 @@ Groups (each a table in ``benchmarks/RESULTS.md``):
   last exit's loss (``rule: joint`` over one exit is plain backprop). Per-exit test accuracy of ``best.pt``
   (chosen on validation), MACs per exit, and the budgeted curve (thresholds fitted on validation, in
   ``metrics.json``).
+- ``baselines`` (issue 16): the same measurements for ``sdn`` and ``gradient-equilibrium`` on the two nets and all six
+  rules (joint, sdn, gradient-equilibrium, adaloss, UPGrad, osgd) on ``msdnet-small``, config-major, plus the area
+  under the accuracy-vs-MACs curve; ``--borrow fashion_anytime.json`` fills the two nets' other rows (marked *).
 - ``dgl``: DGL vs SGL vs backprop at K=4 on ``cnn2d-exits`` with ``mlp-sr`` heads.
 - ``slbi``: ``benchmarks/bench_slbi.py`` on Fashion-MNIST (there is no prune CLI): dense SGD, the SLBI path,
   the stopping point chosen on validation (≥ 50 % of prunable channels removed), the exported net, and
@@ -143,37 +146,59 @@ def write(group: str, data: dict[str, Any], md: str) -> None:
 
 
 # ---- groups ----------------------------------------------------------------------------------------------
-def anytime(args: argparse.Namespace) -> None:
-    gdir = Path(args.out) / "anytime"
+def anytime(
+    args: argparse.Namespace,
+    group: str = "anytime",
+    rows: dict[str, list[str]] | None = None,
+    show: tuple[str, ...] = (*RULES, "independent"),
+    borrowed: dict[str, Any] | None = None,
+) -> None:
+    """``rows``: net -> rules to run, config-major (default: RULES on NETS seed-major, plus the independent
+    sub-networks); ``show``: the table's rows; ``borrowed``: another group's result JSON, whose runs fill the
+    rows this group does not run (marked *)."""
+    from anytrain.eval.anytime import anytime_auc
+
+    gdir = Path(args.out) / group
     runs: dict[tuple[str, str, int], Run] = {}
-    for net, cut in NETS.items():
-        for seed in args.seeds:
-            for rule in RULES:
+    for net, rules in (rows or {net: RULES for net in NETS}).items():
+        for rule in rules:
+            for seed in args.seeds:
                 runs[net, rule, seed] = train_run(gdir, f"{rule}-{net}", seed, f"{rule}-{net}")
+        for seed in args.seeds if rows is None else ():
             for k in range(4):  # independent sub-network for exit k
-                sets = [f"model.{cut}={k + 1}", "rule.name=joint"]
+                sets = [f"model.{NETS[net]}={k + 1}", "rule.name=joint"]
                 runs[net, f"independent{k}", seed] = train_run(
                     gdir, f"independent{k}-{net}", seed, f"joint-{net}", sets
                 )
-    # the rules first, seed by seed; the independent sub-networks (the reference point) after them
+    # anytime: the rules first, seed by seed; the independent sub-networks (the reference point) after them
     order = sorted(runs, key=lambda key: (key[1].startswith("independent"), key[2], key[0], key[1]))
-    execute([runs[k] for k in order], args.jobs)
+    execute([runs[k] for k in (order if rows is None else runs)], args.jobs)
+    borrowed = borrowed or {"runs": {}, "summary": {}}
+
+    def metrics(net: str, rule: str, seed: int) -> dict[str, Any] | None:
+        if (net, rule, seed) in runs:
+            return load_metrics(runs[net, rule, seed])
+        return borrowed["runs"].get(f"{rule}-{net}/seed{seed}")
+
     data: dict[str, Any] = {"runs": {}, "summary": {}}
     md = [
-        "Per-exit test accuracy (%) of `best.pt` (chosen on validation), mean ± std over seeds; n = finished seeds.",
+        "Per-exit test accuracy (%) of `best.pt` (chosen on validation), mean ± std over seeds; n = finished seeds. "
+        "AUC: area under the accuracy-vs-MACs step curve (the deepest exit within a budget of b × the last exit's "
+        "MACs, b in [0, 1], accuracy 0 below the first exit; `anytrain.eval.anytime.anytime_auc`), in %.",
         "",
     ]
-    for net in NETS:
+    for net in rows or NETS:
         macs: list[int] = []
         md += [
             f"**{net}**",
             "",
-            "| rule | n | exit 0 | exit 1 | exit 2 | exit 3 | mean exit | wall s / run |",
-            "|---|---|---|---|---|---|---|---|",
+            "| rule | n | exit 0 | exit 1 | exit 2 | exit 3 | mean exit | AUC | wall s / run |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for rule in [*RULES, "independent"]:
+        for rule in show:
             per_exit: list[list[float]] = [[], [], [], []]
             walls: list[float] = []
+            aucs: list[float] = []
             n = 0
             for seed in args.seeds:
                 if rule == "independent":
@@ -183,27 +208,38 @@ def anytime(args: argparse.Namespace) -> None:
                     accs = [m["selected"]["exits"][-1]["test"] for m in ms_]
                     walls += [w for k in range(4) if (w := wall_of(runs[net, f"independent{k}", seed].out))]
                 else:
-                    m = load_metrics(runs[net, rule, seed])
+                    m = metrics(net, rule, seed)
                     if m is None:
                         continue
                     accs = [e["test"] for e in m["selected"]["exits"]]
                     macs = [e["flops"] for e in m["exits"]]
+                    aucs.append(anytime_auc(macs, accs))
                     data["runs"][f"{rule}-{net}/seed{seed}"] = m
-                    if (w := wall_of(runs[net, rule, seed].out)) is not None:
+                    if (net, rule, seed) not in runs:
+                        pass
+                    elif (w := wall_of(runs[net, rule, seed].out)) is not None:
                         walls.append(w)
                 n += 1
                 for k, a in enumerate(accs):
                     per_exit[k].append(a)
+            if (net, rule, args.seeds[0]) not in runs and rule != "independent":
+                walls = borrowed["summary"].get(f"{rule}-{net}", {}).get("wall_s", [])
             means = [statistics.fmean(v) for v in zip(*per_exit)] if n else []
             data["summary"][f"{rule}-{net}"] = {
                 "n": n,
                 "exits": [summary(v) for v in per_exit] if n else [],
                 "mean_exit": summary(means) if n else None,
+                "auc": summary(aucs) if aucs else None,
                 "wall_s": walls,
             }
             wall = f"{statistics.fmean(walls):.0f}" if walls else "—"
-            md.append(f"| {rule} | {n} | " + " | ".join(ms(v) for v in per_exit) + f" | {ms(means)} | {wall} |")
-        md += ["| MACs / sample | | " + " | ".join(f"{m:,}" for m in macs) + " | | |", ""]
+            star = "*" if (net, rule, args.seeds[0]) not in runs and rule != "independent" else ""
+            md.append(
+                f"| {rule}{star} | {n} | "
+                + " | ".join(ms(v) for v in per_exit)
+                + f" | {ms(means)} | {ms(aucs)} | {wall} |"
+            )
+        md += ["| MACs / sample | | " + " | ".join(f"{m:,}" for m in macs) + " | | | |", ""]
         data["summary"][f"macs-{net}"] = macs
         # budgeted curve: the same budget grid for every run of a net (it is a function of the exits' MACs)
         md += [
@@ -211,12 +247,13 @@ def anytime(args: argparse.Namespace) -> None:
             "realised mean MACs (M) at each target budget, mean over seeds.",
             "",
         ]
-        head = "| budget (M MACs) | " + " | ".join(RULES) + " |"
-        md += [head, "|---" * (len(RULES) + 1) + "|"]
+        shown = [r for r in show if r != "independent"]
+        head = "| budget (M MACs) | " + " | ".join(shown) + " |"
+        md += [head, "|---" * (len(shown) + 1) + "|"]
         curves: dict[str, list[tuple[list[float], list[float]]]] = {}
         budgets: list[float] = []
-        for rule in RULES:
-            ms_ = [m for s in args.seeds if (m := load_metrics(runs[net, rule, s])) is not None]
+        for rule in shown:
+            ms_ = [m for s in args.seeds if (m := metrics(net, rule, s)) is not None]
             if not ms_:
                 continue
             budgets = [b["budget"] for b in ms_[0]["budgeted"]]
@@ -236,11 +273,20 @@ def anytime(args: argparse.Namespace) -> None:
         for i, b in enumerate(budgets):
             cells = [
                 f"{ms(curves[r][i][0])} / {statistics.fmean(curves[r][i][1]) / 1e6:.2f}" if r in curves else "—"
-                for r in RULES
+                for r in shown
             ]
             md.append(f"| {b / 1e6:.2f} | " + " | ".join(cells) + " |")
         md.append("")
-    write("anytime", data, "\n".join(md))
+    write(group, data, "\n".join(md))
+
+
+def baselines(args: argparse.Namespace) -> None:
+    """Issue 16: sdn and gradient-equilibrium on the two anytime nets, all six rules on msdnet-small; the other
+    rules' rows on the two nets come from the anytime group's ``fashion_anytime.json`` (``--borrow``) if given."""
+    borrowed = json.loads(Path(args.borrow).read_text()) if args.borrow else None
+    two = ["sdn", "gradient-equilibrium"]
+    rows = {"msdnet-small": ["joint", *two, "adaloss", "upgrad", "osgd"], "cnn2d-exits": two, "nested-width": two}
+    anytime(args, "baselines", rows, ("joint", *two, "adaloss", "upgrad", "osgd"), borrowed)
 
 
 def dgl(args: argparse.Namespace) -> None:
@@ -447,6 +493,7 @@ GROUPS: dict[str, Callable[[argparse.Namespace], None]] = {
     "dgl": dgl,
     "slbi": slbi,
     "curvature": curvature,
+    "baselines": baselines,
 }
 
 
@@ -456,6 +503,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="/work/runs/fashion", help="run directories (outside the repository)")
     ap.add_argument("--jobs", type=int, default=2, help="training processes at a time")
+    ap.add_argument("--borrow", help="baselines: fashion_anytime.json whose runs fill the rows not run here")
     ap.add_argument("--report-only", action="store_true", help="aggregate what has finished; start nothing")
     ap.add_argument("--part", choices=["steptime"], help=argparse.SUPPRESS)
     ap.add_argument("--timing-out", help=argparse.SUPPRESS)
