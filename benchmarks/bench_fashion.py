@@ -183,8 +183,8 @@ def anytime(
     data: dict[str, Any] = {"runs": {}, "summary": {}}
     md = [
         "Per-exit test accuracy (%) of `best.pt` (chosen on validation), mean ± std over seeds; n = finished seeds. "
-        "AUC: area under the accuracy-vs-MACs step curve (the deepest exit within a budget of b × the last exit's "
-        "MACs, b in [0, 1], accuracy 0 below the first exit; `anytrain.eval.anytime.anytime_auc`), in %.",
+        "AUC (%): area under the accuracy-vs-MACs step curve over budgets b × the last exit's MACs, b in [0, 1] (at "
+        "each b the most accurate exit that fits, 0 below the first exit; `anytrain.eval.anytime.anytime_auc`).",
         "",
     ]
     for net in rows or NETS:
@@ -215,9 +215,7 @@ def anytime(
                     macs = [e["flops"] for e in m["exits"]]
                     aucs.append(anytime_auc(macs, accs))
                     data["runs"][f"{rule}-{net}/seed{seed}"] = m
-                    if (net, rule, seed) not in runs:
-                        pass
-                    elif (w := wall_of(runs[net, rule, seed].out)) is not None:
+                    if (net, rule, seed) in runs and (w := wall_of(runs[net, rule, seed].out)) is not None:
                         walls.append(w)
                 n += 1
                 for k, a in enumerate(accs):
