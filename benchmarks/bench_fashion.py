@@ -59,7 +59,7 @@ RULES = ["osgd", "joint", "upgrad", "pcgrad", "adaloss"]
 NETS = {"cnn2d-exits": "exits", "nested-width": "stages"}  # net -> the option that cuts it after a stage
 CURV = {"sgd": "sgd-cnn2d", "adam": "adam-cnn2d", "alpha=1/2": "curvature-half-cnn2d", "alpha=1": "curvature-one-cnn2d"}
 SLBI_ARGS = ["--dataset", "fashion-mnist", "--num-samples", "6000", "--model", "cnn2d-exits", "--width", "16"]
-SLBI_ARGS += ["--epochs", "2", "--lr", "0.1", "--record-every", "14", "--speed-steps", "0"]
+SLBI_ARGS += ["--lr", "0.1", "--speed-steps", "0"]  # + --epochs E --record-every (every third of an epoch)
 
 
 # ---- running ---------------------------------------------------------------------------------------------
@@ -317,11 +317,13 @@ def dgl(args: argparse.Namespace) -> None:
 
 
 def slbi(args: argparse.Namespace) -> None:
-    gdir = Path(args.out) / "slbi"
+    tag = "slbi" if args.slbi_epochs == 2 else f"slbi_{args.slbi_epochs}ep"
+    gdir = Path(args.out) / tag
+    slbi_args = [*SLBI_ARGS, "--epochs", str(args.slbi_epochs), "--record-every", str(14 * args.slbi_epochs // 2)]
     runs = []
     for s in args.seeds:
         out = gdir / f"seed{s}.json"
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_slbi.py"), *SLBI_ARGS, "--seeds", str(s)]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_slbi.py"), *slbi_args, "--seeds", str(s)]
         runs.append(Run(f"slbi/seed{s}", cmd + ["--out", str(out)], gdir / f"seed{s}", out))
     execute(runs, args.jobs)
     seeds = [json.loads(r.done.read_text())["seeds"][0] for r in runs if r.done.exists()]
@@ -364,14 +366,14 @@ def slbi(args: argparse.Namespace) -> None:
             + " |",
             f"| wall s per seed (6 trainings) | {', '.join(f'{w:.0f}' for w in walls)} |",
         ]
-    write("slbi", {"args": SLBI_ARGS, "seeds": seeds, "wall_s": walls}, "\n".join(md) + "\n")
+    write(tag, {"args": slbi_args, "seeds": seeds, "wall_s": walls}, "\n".join(md) + "\n")
 
 
 def curvature(args: argparse.Namespace) -> None:
     gdir = Path(args.out) / "curvature"
     eq_steps = {(k, s): train_run(gdir, k.replace("/", "_"), s, c) for s in args.seeds for k, c in CURV.items()}
     execute(list(eq_steps.values()), args.jobs)
-    timing = gdir / "steptime.json"
+    timing = gdir / "steptime_mean.json"  # (steptime.json: an earlier median-based timing, superseded)
     execute(
         [
             Run(
@@ -403,7 +405,7 @@ def curvature(args: argparse.Namespace) -> None:
     ]
     if t is not None:
         md += [
-            "Per-step CPU time (batch 128, one thread, median of interleaved chunks; "
+            "Per-step CPU time (batch 128, one thread, mean over interleaved chunks; "
             + t["note"]
             + "): "
             + ", ".join(f"{k} {t[k]:.1f} ms ({t[k] / t['sgd']:.2f}× SGD)" for k in CURV),
@@ -442,11 +444,13 @@ def curvature(args: argparse.Namespace) -> None:
     write("curvature", data, "\n".join(md) + "\n")
 
 
-def steptime(out: str, chunks: int = 8, chunk: int = 10) -> None:
-    """Median ms per training step of the four curvature-row optimizers on the Fashion-MNIST ``cnn2d-exits``,
+def steptime(out: str, chunks: int = 10, chunk: int = 20) -> None:
+    """Mean ms per training step of the four curvature-row optimizers on the Fashion-MNIST ``cnn2d-exits``,
     stepping side by side in interleaved chunks (fresh batches). Both the process CPU time (one thread; what the
     equal-wall-time conversion uses, since it does not count the time other jobs on a shared machine hold the
-    core) and the wall time of each step are recorded."""
+    core) and the wall time of each step are recorded. The mean, over a multiple of the curvature optimizer's
+    inverse interval (200 steps vs ``inverse_every: 100``), carries its amortized factor and inverse updates, which a
+    median would hide."""
     import torch
     import torch.nn.functional as F
 
@@ -477,8 +481,8 @@ def steptime(out: str, chunks: int = 8, chunk: int = 10) -> None:
                 if c:
                     cpu.append(time.process_time() - c0)
                     wall.append(time.perf_counter() - t0)
-    res: dict[str, Any] = {k: statistics.median(v[2]) * 1e3 for k, v in steppers.items()}
-    res["wall_ms"] = {k: statistics.median(v[3]) * 1e3 for k, v in steppers.items()}
+    res: dict[str, Any] = {k: statistics.fmean(v[2]) * 1e3 for k, v in steppers.items()}
+    res["wall_ms"] = {k: statistics.fmean(v[3]) * 1e3 for k, v in steppers.items()}
     res["note"] = (
         f"CPU time; {chunks} chunks of {chunk} steps each, interleaved; "
         f"load average {os.getloadavg()[0]:.1f} at the end"
@@ -501,6 +505,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="/work/runs/fashion", help="run directories (outside the repository)")
     ap.add_argument("--jobs", type=int, default=2, help="training processes at a time")
+    ap.add_argument("--slbi-epochs", type=int, default=2, help="epochs of every slbi-group training")
     ap.add_argument("--borrow", help="baselines: fashion_anytime.json whose runs fill the rows not run here")
     ap.add_argument("--report-only", action="store_true", help="aggregate what has finished; start nothing")
     ap.add_argument("--part", choices=["steptime"], help=argparse.SUPPRESS)

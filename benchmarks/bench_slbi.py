@@ -2,9 +2,11 @@
 tickets vs magnitude vs random pruning at equal sparsity, exported-model size/FLOPs/latency.
 
     python benchmarks/bench_slbi.py --seeds 0 1 2 --epochs 30
+    python benchmarks/bench_slbi.py --dataset fashion-mnist --num-samples 8000 --model cnn2d-exits --width 16 \
+        --epochs 4 --speed-steps 0 --seeds 0 --out RUNDIR/slbi-seed0.json   # as bench_fashion.py runs it
 
 Writes ``benchmarks/results/slbi.json``. Lean loop (no trainer): joint loss over the exits of
-``cnn1d-exits``; accuracy is that of the last exit.
+``cnn1d-exits`` (or ``--model``); accuracy is that of the last exit.
 """
 
 from __future__ import annotations
@@ -45,12 +47,12 @@ def batches(n: int, bs: int, seed: int, epoch: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1000) -> float:
     was = net.training
     net.eval()
-    acc = float((net(x)[-1].argmax(1) == y).float().mean())
+    right = sum(int((net(x[i : i + chunk])[-1].argmax(1) == y[i : i + chunk]).sum()) for i in range(0, len(y), chunk))
     net.train(was)
-    return acc
+    return right / len(y)
 
 
 def train(
@@ -76,9 +78,12 @@ def train(
     return accuracy(net, data.x_test, data.y_test)
 
 
+MODEL = {"name": "cnn1d-exits", "in_shape": (1, 40)}  # set from --model and the data in main()
+
+
 def make_net(seed: int, width: int) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model("cnn1d-exits", in_shape=(1, 40), num_classes=10, width=width, exits=4)
+    return build_model(MODEL["name"], in_shape=MODEL["in_shape"], num_classes=10, width=width, exits=4)
 
 
 def sgd(net: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -87,7 +92,7 @@ def sgd(net: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def conv_filter_fraction_removed(dense: nn.Module, small: nn.Module) -> float:
     def filters(m: nn.Module) -> int:
-        return sum(c.out_channels for c in m.stages.modules() if isinstance(c, nn.Conv1d))
+        return sum(c.out_channels for c in m.stages.modules() if isinstance(c, (nn.Conv1d, nn.Conv2d)))
 
     return 1.0 - filters(small) / filters(dense)
 
@@ -190,14 +195,18 @@ def main() -> None:
     ap.add_argument("--mu", type=float, default=2.0)
     ap.add_argument("--target", type=float, default=0.5, help="filter fraction to remove at the stopping point")
     ap.add_argument("--record-every", type=int, default=8, help="path points every this many steps")
-    ap.add_argument("--speed-steps", type=int, default=60)
+    ap.add_argument("--speed-steps", type=int, default=60, help="0: skip the step-time measurement")
+    ap.add_argument("--dataset", default="mnist1d")
+    ap.add_argument("--num-samples", type=int, default=None, help="data.num_samples (a seeded training subset)")
+    ap.add_argument("--model", default="cnn1d-exits", help="a branched net with a `width` and `exits` option")
     ap.add_argument("--out", default=str(OUT / "slbi.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    data = load_dataset("mnist1d", seed=0)
+    data = load_dataset(args.dataset, seed=0, num_samples=args.num_samples)
+    MODEL.update(name=args.model, in_shape=tuple(data.x_train.shape[1:]))
     t0 = time.time()
-    result = {"args": vars(args), "speed": step_time(args, data), "seeds": []}
+    result = {"args": vars(args), "speed": step_time(args, data) if args.speed_steps else None, "seeds": []}
     print(json.dumps(result["speed"]), flush=True)
     for s in args.seeds:
         r = run_seed(s, args, data)
