@@ -19,6 +19,7 @@ heads)``, no copies; see :class:`DGL`). ``rule: {name: dgl}`` / ``{name: sgl}`` 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -104,9 +105,10 @@ def _all_finite(flags: Sequence[Tensor | None]) -> Tensor | None:
     return torch.stack(present).all() if present else None
 
 
-class GreedyProcedure:
+class GreedyProcedure(ABC):
     """A training procedure over the modules of a staged network: one optimizer per module, steps by
-    :func:`module_step`. Subclasses implement :meth:`step`."""
+    :func:`module_step`. :meth:`step` checks its arguments; subclasses implement :meth:`_step`, the order in
+    which the modules step."""
 
     name = "greedy"
 
@@ -150,6 +152,7 @@ class GreedyProcedure:
             )
         return self._step(staged, part, opts, x, y, loss_fn, reduce)
 
+    @abstractmethod
     def _step(
         self,
         net: StagedNet,
@@ -160,7 +163,7 @@ class GreedyProcedure:
         loss_fn: LossFn,
         reduce: Reduce | None,
     ) -> Step:
-        raise NotImplementedError
+        """One step of every module that trains now, on checked arguments."""
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Hook for procedures with a schedule over epochs (sequential greedy learning)."""
