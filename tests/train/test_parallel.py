@@ -62,7 +62,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 @pytest.mark.distributed
 def test_two_ranks_equal_single_process_dgl(reference, tmp_path: Path) -> None:
     cfg, ref = reference
-    p, _ = run(cfg, tmp_path / "par")
+    p, _ = run(cfg, tmp_path / "par", "--set", "train.plots=true")
     assert p.returncode == 0, p.stderr[-2000:]
     par = weights(tmp_path / "par" / "model.pt")
     assert sorted(par) == sorted(ref)
@@ -74,6 +74,19 @@ def test_two_ranks_equal_single_process_dgl(reference, tmp_path: Path) -> None:
     assert [r["steps"] for r in m["parallel"]["ranks"]] == [28, 28]
     for r in (0, 1):  # one progress line per rank and epoch, as `anytrain train` prints per epoch
         assert f"rank {r} (stages [{r}]): epoch 2/2  loss " in p.stdout, p.stdout
+    # the start-up line says what runs where: processes against cores, threads per rank, loopback process group
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("anytrain dgl-parallel: 2 processes (one per DGL module) on "), first
+    assert "1 thread(s) each" in first and "gloo process group over loopback" in first, first
+    # history.json as the trainer writes it, rebuilt from the epoch snapshots: the same per-exit training loss
+    # and validation accuracy per epoch as single-process DGL (the weights are identical epoch by epoch)
+    single = json.loads((cfg.parent / "single" / "history.json").read_text())
+    par_hist = json.loads((tmp_path / "par" / "history.json").read_text())
+    assert [r["epoch"] for r in par_hist] == [r["epoch"] for r in single] == [1, 2]
+    for a, b in zip(par_hist, single):
+        assert a["val_acc"] == b["val_acc"]
+        torch.testing.assert_close(torch.tensor(a["train_loss"]), torch.tensor(b["train_loss"]), rtol=1e-6, atol=0)
+    assert (tmp_path / "par" / "training_curves.png").stat().st_size > 0
 
 
 @pytest.mark.distributed
@@ -135,3 +148,21 @@ def test_hanging_rank_is_named_and_job_ends_within_timeout(tmp_path: Path) -> No
     assert p.returncode != 0
     assert "rank 1 died or stopped responding" in p.stderr, p.stderr[-2000:]
     assert secs < 60
+
+
+def test_startup_note_explains_ranks_cores_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anytrain.train import parallel
+
+    monkeypatch.setattr(parallel, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(parallel.torch.cuda, "is_available", lambda: False)
+    cfg = load_config(None, ["rule.name=dgl", "train.device=cpu"])
+    # threads unset: the cores are shared out (torchrun's habit), one at least; the environment or config wins
+    assert parallel.rank_threads(cfg, 4, {}) == 1
+    assert parallel.rank_threads(cfg, 1, {}) == 2
+    assert parallel.rank_threads(cfg, 4, {"OMP_NUM_THREADS": "3"}) is None
+    assert parallel.rank_threads(load_config(None, ["rule.name=dgl", "train.threads=2"]), 4, {}) is None
+    busy = parallel.startup_note(cfg, 4, {"OMP_NUM_THREADS": "1"})
+    assert "4 processes (one per DGL module) on 2 CPU core(s), 1 thread(s) each" in busy
+    assert "loopback" in busy and "4 threads on 2 core(s): the ranks take turns" in busy
+    roomy = parallel.startup_note(cfg, 2, {"OMP_NUM_THREADS": "1"})
+    assert "2 processes" in roomy and "take turns" not in roomy

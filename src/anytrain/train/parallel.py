@@ -180,8 +180,9 @@ class RankModule:
                 net.exits[k] = nn.Identity()
         net.to(device)
         self.steps = 0
-        # progress: the module's mean loss over the steps since its last checkpoint (summed on device, no sync)
-        self.loss_sum = torch.zeros((), device=device)
+        # progress: the mean loss of each of the module's exits over the steps since its last checkpoint (summed
+        # on device, no sync); saved in the epoch's shard, from which rank 0 writes history.json at the end
+        self.loss_sum = torch.zeros(len(self.stages), device=device)
         self.loss_steps = 0
         self.since = time.perf_counter()
 
@@ -191,12 +192,16 @@ class RankModule:
         s = module_step(self.net, self.stages, x, y, self.optimizer, loss_fn=self.loss_fn, emit=send)
         self.scheduler.step()
         self.steps += 1
-        self.loss_sum += s.losses.sum()
+        self.loss_sum += s.losses
         self.loss_steps += 1
+
+    def mean_losses(self) -> list[float]:
+        """The mean training loss of each of the module's exits since its last checkpoint."""
+        return (self.loss_sum / max(1, self.loss_steps)).tolist()
 
     def report(self, epoch: int) -> None:
         """One progress line per rank and epoch (printed when the rank checkpoints the epoch)."""
-        mean = self.loss_sum.item() / max(1, self.loss_steps)
+        mean = sum(self.mean_losses())
         secs = time.perf_counter() - self.since
         print(
             f"rank {self.rank} (stages {list(self.stages)}): epoch {epoch + 1}/{self.epochs}  loss {mean:.4f}  "
@@ -219,6 +224,7 @@ class RankModule:
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "buffer": None if buffer is None else buffer.state_dict(),
+            "train_loss": self.mean_losses(),  # per exit of the module, over the epoch (history.json)
         }
 
     def restore(self, shard: dict[str, Any]) -> None:
@@ -445,16 +451,52 @@ def _consume_replay(
     (out / f"buffer_rank{rm.rank}.json").write_text(json.dumps(buf.stats()) + "\n")
 
 
+def _load_shards(net: StagedNet, out: Path, world: int, epoch: int | None) -> list[dict[str, Any]]:
+    """Load every rank's shard of ``epoch`` (``None``: the final one) into ``net``; returns the shards."""
+    from anytrain.train.checkpoint import load_checkpoint
+
+    shards = [load_checkpoint(_ckpt_dir(out, epoch) / f"rank{r}.pt", map_location="cpu") for r in range(world)]
+    for shard in shards:
+        _own(net, shard["stages"]).load_state_dict(shard["module"])
+    return shards
+
+
 def _assemble(cfg: RunConfig, out: Path, world: int, data: Any, device: torch.device) -> StagedNet:
     """Rank 0, after every rank is done: the full network from the final shards."""
-    from anytrain.train.checkpoint import load_checkpoint
     from anytrain.train.trainer import model_from_config
 
     net = model_from_config(cfg, data)
-    for r in range(world):
-        shard = load_checkpoint(_ckpt_dir(out, None) / f"rank{r}.pt", map_location="cpu")
-        _own(net, shard["stages"]).load_state_dict(shard["module"])
+    _load_shards(net, out, world, None)
     return net.to(device)
+
+
+def epoch_history(cfg: RunConfig, out: Path, world: int, data: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Rank 0, at the end: the records of ``history.json`` as ``anytrain train`` writes them (per epoch: the
+    mean training loss of every exit, and the validation accuracy of every exit), rebuilt from the epoch
+    checkpoints: each is a consistent snapshot of all modules at that epoch's marker, so evaluating it gives
+    what the trainer measures at the end of the epoch. Epochs without a complete checkpoint are left out."""
+    from anytrain.eval.anytime import exit_scores
+    from anytrain.train.trainer import model_from_config
+
+    net = model_from_config(cfg, data).to(device)
+    has_val = data.split_len("val") > 0
+    history: list[dict[str, Any]] = []
+    for epoch in range(cfg.train.epochs):
+        if not (_ckpt_dir(out, epoch) / "COMPLETE").is_file():
+            continue
+        shards = sorted(_load_shards(net, out, world, epoch), key=lambda sh: sh["stages"][0])
+        if any(sh.get("train_loss") is None for sh in shards):  # written before the losses were kept
+            continue
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": int(shards[0]["steps"]),
+            "train_loss": [v for sh in shards for v in sh["train_loss"]],
+        }
+        if has_val:
+            correct = exit_scores(net, data.batches("val", cfg.data.eval_batch_size))[1]
+            rec["val_acc"] = correct.double().mean(1).tolist()
+        history.append(rec)
+    return history
 
 
 def _barrier() -> None:
@@ -556,7 +598,7 @@ def _finish(
 ) -> None:
     """Rank 0: the assembled network's ``model.pt`` and the trainer's evaluation and ``metrics.json``, with the
     runner's timings under ``parallel``."""
-    from anytrain.train.checkpoint import save_checkpoint
+    from anytrain.train.checkpoint import atomic_write_json, save_checkpoint
     from anytrain.train.trainer import write_metrics
 
     assert rm.data is not None  # rank 0 keeps its data for the evaluation
@@ -574,6 +616,7 @@ def _finish(
         "samples_per_second": samples / wall if wall > 0 else 0.0,
         "ranks": ranks,
     }
+    atomic_write_json(out / "history.json", epoch_history(cfg, out, world, rm.data, device))  # training_curves.png
     m = write_metrics(cfg, rm.data, net, out, steps=rm.steps, seconds=wall, extra={"parallel": parallel})
     print(
         f"dgl-parallel: {world} ranks, {samples / max(wall, 1e-9):.0f} samples/s; test accuracy per exit: "
@@ -721,7 +764,56 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         worker_argv += ["--set", item]
     worker_argv += ["--buffer", str(opts.buffer), "--timeout", str(opts.timeout), "--inflight", str(opts.inflight)]
-    return launch(worker_argv, modules)
+    env = dict(os.environ)
+    threads = rank_threads(cfg, modules, env)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    print(startup_note(cfg, modules, env), flush=True)
+    return launch(worker_argv, modules, env)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _on_cuda(cfg: RunConfig) -> bool:
+    return torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
+
+
+def rank_threads(cfg: RunConfig, nproc: int, env: dict[str, str]) -> int | None:
+    """The CPU threads each rank gets when neither ``train.threads`` nor ``OMP_NUM_THREADS`` says: the usable
+    cores shared out (at least one each), as torchrun does, rather than every rank starting one thread per core.
+    ``None``: the config or the environment decides (or the ranks run on GPUs)."""
+    if cfg.train.threads or "OMP_NUM_THREADS" in env or _on_cuda(cfg):
+        return None
+    return max(1, _usable_cores() // nproc)
+
+
+def startup_note(cfg: RunConfig, nproc: int, env: dict[str, str]) -> str:
+    """What the launcher is about to start, and why it may be slower than ``anytrain train`` on a small CPU
+    machine: ranks against cores, threads per rank, the process group over loopback."""
+    if _on_cuda(cfg):
+        return (
+            f"anytrain dgl-parallel: {nproc} processes, one per DGL module, each on its own GPU "
+            f"({torch.cuda.device_count()} visible); activations pass between them over nccl"
+        )
+    cores = _usable_cores()
+    threads = cfg.train.threads or int(env.get("OMP_NUM_THREADS", "0") or 0) or torch.get_num_threads()
+    note = (
+        f"anytrain dgl-parallel: {nproc} processes (one per DGL module) on {cores} CPU core(s), {threads} "
+        f"thread(s) each; every batch's activations pass from rank to rank through a gloo process group over "
+        f"loopback TCP (127.0.0.1), copied at each module boundary"
+    )
+    if nproc * threads > cores:
+        note += (
+            f". {nproc * threads} threads on {cores} core(s): the ranks take turns, so expect this to be slower "
+            "than `anytrain train` with the same config (measured in docs/distributed.md); it pays off with a "
+            "core or a GPU per rank"
+        )
+    return note
 
 
 def _check_components(cfg: RunConfig) -> int:
