@@ -82,3 +82,44 @@ def test_adaloss_weights_are_inverse_running_average():
 def test_weighted_rule_rejects_wrong_count():
     with pytest.raises(ValueError, match="2 weights but the network has 3"):
         build_rule("weighted", weights=[1, 1]).bind(StagedNet([nn.Identity()] * 3, [nn.Identity()] * 3))
+
+
+def test_weighted_rule_builds_its_weight_tensor_once(monkeypatch):
+    """No host-to-device copy per step: the weights become a tensor on the first step only (and again only
+    when the losses move to another device or dtype)."""
+    net = two_exit_net()
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+    r = build_rule("weighted", weights=[0.3, 2.0])
+    r.bind(net)
+    made = []
+    real = torch.tensor
+
+    def counting(*a, **k):
+        made.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "tensor", counting)
+    for _ in range(3):
+        net.zero_grad()
+        r.backward(net, losses_of(net, x, y))
+    assert len(made) == 1
+    ref = reference_grads(net, x, y, (0.3, 2.0))
+    for p, g in zip(net.parameters(), ref):
+        torch.testing.assert_close(p.grad, g)
+    w64 = r.weight_tensor(torch.zeros((), dtype=torch.float64))  # another dtype: built again, then kept
+    assert w64.dtype == torch.float64 and w64.tolist() == [0.3, 2.0] and len(made) == 2
+    assert r.weight_tensor(torch.ones(2, dtype=torch.float64)) is w64 and len(made) == 2
+
+
+@pytest.mark.parametrize(
+    "rule,kw,trained",
+    [
+        ("joint", {}, [0, 1, 2]),
+        ("joint", {"last_only": True}, [2]),  # backprop: only the last exit is trained
+        ("weighted", {"weights": [0.0, 2.0, 1.0]}, [1, 2]),
+        ("adaloss", {}, [0, 1, 2]),
+        ("osgd", {}, [0, 1, 2]),
+    ],
+)
+def test_trained_exits_are_those_with_a_loss_in_the_update(rule, kw, trained):
+    assert build_rule(rule, **kw).trained_exits(3) == trained

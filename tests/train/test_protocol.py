@@ -114,3 +114,36 @@ def test_without_validation_nothing_is_selected(tmp_path):
     m = Trainer(load_config(None, [*FAST, "data.val_size=0", "train.epochs=1"]), tmp_path / "r").fit()
     assert m["selected"] is None and m["budgeted"] == [] and m["exits"][0]["val"] is None
     assert not (tmp_path / "r" / "best.pt").exists()
+
+
+# validation accuracy per exit at the end of epochs 1, 2, 3: the mean over exits peaks at epoch 1, the last
+# exit at epoch 2
+SCRIPTED_VAL = [[0.9, 0.9, 0.5], [0.2, 0.2, 0.8], [0.5, 0.5, 0.6]]
+
+
+@pytest.mark.parametrize(
+    "rule,epoch,exits",
+    [("rule.last_only=true", 2, [2]), ("rule.last_only=false", 1, [0, 1, 2])],
+)
+def test_best_checkpoint_is_selected_on_the_exits_the_rule_trains(tmp_path, monkeypatch, rule, epoch, exits):
+    """Backprop (``joint`` with ``last_only``) trains the last exit only, so ``best.pt`` is the epoch where the
+    last exit is best on validation, not where the mean over all (untrained) exits is; ``joint`` keeps the mean."""
+    cfg = load_config(None, FAST + ["rule.name=joint", rule])
+    tr = Trainer(cfg, tmp_path)
+    real = tr.evaluate
+    script = list(SCRIPTED_VAL)
+
+    def evaluate(split):
+        if split != "val" or not script:  # the end-of-run evaluations are real
+            return real(split)
+        n = 10
+        acc = script.pop(0)
+        correct = torch.stack([torch.arange(n) < round(a * n) for a in acc])
+        return torch.ones(len(acc), n), correct
+
+    monkeypatch.setattr(tr, "evaluate", evaluate)
+    m = tr.fit()
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] + 1 == epoch
+    assert m["selected"]["epoch"] == epoch
+    assert str(exits) in m["selected"]["criterion"]
+    assert tr.selection_exits() == exits

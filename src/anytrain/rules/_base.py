@@ -84,6 +84,11 @@ class GradientRule(ABC):
     def bind(self, net: nn.Module) -> None:
         """Called once by the trainer before training; check the net (number of exits, ...) here."""
 
+    def trained_exits(self, num_exits: int) -> list[int]:
+        """The exits whose losses this rule trains on (all, unless a rule ignores some): the trainer selects
+        ``best.pt`` on their mean validation accuracy, so a run is judged on what it trains."""
+        return list(range(num_exits))
+
     def forward(self, net: nn.Module, x: Tensor) -> list[Tensor]:
         out = net(x)
         return list(out) if isinstance(out, (list, tuple)) else [out]

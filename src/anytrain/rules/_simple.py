@@ -30,12 +30,16 @@ class Joint(LossWeighting):
     def total(self, losses: Tensor, reduce: Reduce | None) -> Tensor:
         return losses[-1] if self.last_only else losses.sum()
 
+    def trained_exits(self, num_exits: int) -> list[int]:
+        return [num_exits - 1] if self.last_only else list(range(num_exits))
+
     def extra_repr(self) -> str:
         return f"last_only={self.last_only}"
 
 
 class Weighted(LossWeighting):
-    """Fixed weights: ``∇ Σ_k w_k L_k``."""
+    """Fixed weights: ``∇ Σ_k w_k L_k``. The weight vector is built once per device and dtype of the losses
+    and then reused, so a step makes no host-to-device copy."""
 
     name = "weighted"
 
@@ -44,6 +48,17 @@ class Weighted(LossWeighting):
         if not w or any(v < 0 for v in w) or sum(w) <= 0:
             raise ValueError(f"weights must be non-negative with a positive sum, got {w}")
         self.weights = w
+        self._w: Tensor | None = None  # ``weights`` as a tensor where the losses live (built on first use)
+
+    def weight_tensor(self, like: Tensor) -> Tensor:
+        """The weights on ``like``'s device and dtype; built only when those change."""
+        w = self._w
+        if w is None or w.device != like.device or w.dtype != like.dtype:
+            w = self._w = torch.tensor(self.weights, dtype=like.dtype, device=like.device)
+        return w
+
+    def trained_exits(self, num_exits: int) -> list[int]:
+        return [k for k, v in enumerate(self.weights[:num_exits]) if v > 0]
 
     def bind(self, net: nn.Module) -> None:
         k = getattr(net, "num_exits", 1)
@@ -53,8 +68,7 @@ class Weighted(LossWeighting):
     def total(self, losses: Tensor, reduce: Reduce | None) -> Tensor:
         if len(self.weights) != losses.numel():
             raise ValueError(f"rule 'weighted' has {len(self.weights)} weights for {losses.numel()} losses")
-        w = torch.tensor(self.weights, dtype=losses.dtype, device=losses.device)
-        return (w * losses).sum()
+        return (self.weight_tensor(losses) * losses).sum()
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}"

@@ -4,7 +4,8 @@ Run directory layout::
 
     config.yaml      fully resolved config; its first line marks the directory as an anytrain run
     checkpoint.pt    last completed epoch (model, optimizer, scheduler, rule, RNG, history), atomic
-    best.pt          weights only, at the best mean exit accuracy on the *validation* split (early stopping)
+    best.pt          weights only, at the best mean *validation* accuracy of the exits the rule trains (all
+                     but for backprop, ``joint`` with ``last_only``: its last exit; early stopping)
     exit_scores.pt   per-exit top softmax probability and correctness on validation and test (final model),
                      for budgeted evaluation (``anytrain eval DIR --budget B``)
     history.json     per-epoch metrics (training loss, validation accuracy), rewritten each epoch
@@ -469,8 +470,9 @@ class Trainer:
         for key, v in rec.items():
             if "/" in key:
                 self._log(key, v, self.step)
-        if acc and sum(acc) / len(acc) > self.best_score:
-            self.best_score = sum(acc) / len(acc)
+        score = selection_score(acc, self.selection_exits())
+        if acc and score > self.best_score:
+            self.best_score = score
             state = {"epoch": epoch, "model": self.net.state_dict(), "score": self.best_score}
             save_checkpoint(self.out / "best.pt", state)
         every = self.cfg.train.checkpoint_every
@@ -485,6 +487,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  val acc per exit: {accs}")
+
+    def selection_exits(self) -> list[int]:
+        """The exits ``best.pt`` is selected on: those the rule trains (``rule.trained_exits``; all of them for a
+        rule or procedure that does not say), so a backprop run is judged on its last exit only."""
+        fn = getattr(self.rule, "trained_exits", None)
+        K = self.net.num_exits
+        return list(fn(K)) if callable(fn) else list(range(K))
 
     def _selected(self) -> dict[str, Any] | None:
         """Validation and test accuracy per exit of ``best.pt`` (the model selected on validation)."""
@@ -502,7 +511,7 @@ class Trainer:
             self.net.load_state_dict(final)
         return {
             "epoch": int(best["epoch"]) + 1,
-            "criterion": "mean validation accuracy over exits",
+            "criterion": f"mean validation accuracy over exits {self.selection_exits()} (those the rule trains)",
             "exits": [{"index": k, "val": v, "test": t} for k, (v, t) in enumerate(zip(val, test))],
         }
 
@@ -520,6 +529,11 @@ class Trainer:
             return {}
         extra = {"selected": self._selected(), **self._extra_metrics()}
         return write_metrics(self.cfg, self.data, self.net, self.out, steps=self.step, seconds=seconds, extra=extra)
+
+
+def selection_score(val_acc: list[float], exits: list[int]) -> float:
+    """The model-selection score of an epoch: mean validation accuracy over ``exits`` (-1 without any)."""
+    return sum(val_acc[k] for k in exits) / len(exits) if val_acc and exits else -1.0
 
 
 def write_metrics(
