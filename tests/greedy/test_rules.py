@@ -218,3 +218,45 @@ def test_trainer_runs_greedy_rules_without_warnings(rule: str, tmp_path) -> None
     m = Trainer(cfg, tmp_path / "run").fit()
     assert m["rule"] == rule and len(m["exits"]) == 3
     assert all(0.0 <= e["accuracy"] <= 1.0 for e in m["exits"])
+
+
+def test_module_optimizers_scheduler_sees_the_module_steps_through_public_step() -> None:
+    """An LR scheduler on the wrapper checks, on its first step, that the optimizer stepped first. The modules
+    step through ``ModuleOptimizers.step(module=j)`` (public), so a DGL step satisfies it — and the check is
+    live in this torch (the control below warns), so the test would catch a torch that changed it."""
+    import warnings
+
+    data = batches(2)
+    net, ref = small_net(3), small_net(3)
+    ref.load_state_dict(net.state_dict())
+    rule, ref_rule = build_rule("dgl"), build_rule("dgl")
+    rule.bind(net)
+    ref_rule.bind(ref)
+    opt, ref_opt = optimizer_for(rule, net, sgd_factory()), optimizer_for(ref_rule, ref, sgd_factory())
+    assert isinstance(opt, ModuleOptimizers) and isinstance(ref_opt, ModuleOptimizers)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in data:
+            rule.step(net, x, y, opt)
+            sched.step()
+    # same weights as stepping the module optimizers themselves (a list, no wrapper, no scheduler), lr halved
+    for x, y in data:
+        ref_rule.step(ref, x, y, ref_opt.optimizers)
+        for g in ref_opt.param_groups:
+            g["lr"] *= 0.5
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # step(module=j) steps module j only
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.clone() for p in net.parameters()]
+    opt.step(module=1)
+    owned = {id(p) for g in opt.optimizers[1].param_groups for p in g["params"]}
+    for p, b in zip(net.parameters(), before):
+        assert torch.equal(p, b) is (id(p) not in owned)
+    # control: a scheduler stepped before its optimizer warns
+    fresh = optimizer_for(build_rule("dgl"), small_net(3), sgd_factory())
+    late = torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 1.0)
+    with pytest.warns(UserWarning, match="before `optimizer.step"):
+        late.step()

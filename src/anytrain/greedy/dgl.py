@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anytrain.nets.modules import ModuleOptimizers, Partition, module_forward, partition_stages
+from anytrain.nets.modules import ModuleOptimizers, ModuleStepper, Partition, module_forward, partition_stages
 from anytrain.nets.staged import StagedNet, detach_state, require_staged
 from anytrain.rules._pergrad import average_grads_, grads_finite
 
@@ -51,7 +51,7 @@ def module_step(
     stages: Sequence[int],
     x: Any,
     y: Tensor,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | ModuleStepper | None,
     *,
     loss_fn: LossFn = F.cross_entropy,
     reduce: Reduce | None = None,
@@ -64,8 +64,8 @@ def module_step(
         net: the staged network; ``stages`` are this module's stage indices (``partition_stages``).
         x: the module's input (a data batch, or the previous module's output); it is detached here.
         y: the labels.
-        optimizer: this module's optimizer (over ``module_parameters(net, stages)``); ``None`` for a module
-            without trainable parameters (it only forwards).
+        optimizer: this module's optimizer (over ``module_parameters(net, stages)``), or its view
+            ``ModuleOptimizers.module(j)``; ``None`` for a module without trainable parameters (it only forwards).
         loss_fn: ``loss_fn(logits, y)``, a scalar (or a list, one such function per exit); the module minimises
             the sum over its exits.
         reduce: data parallelism: averages a flat tensor over the ranks in place; the module's gradients are
@@ -141,10 +141,11 @@ class GreedyProcedure(ABC):
         :func:`module_step`."""
         staged = require_staged(net, self.name)
         part = self.partition if self.partition is not None else self.bind(staged)
-        if isinstance(optimizers, ModuleOptimizers):
-            optimizers.modules_stepped()  # each module steps its own optimizer
-            optimizers = optimizers.optimizers
-        opts = list(optimizers)
+        opts: list[Any]
+        if isinstance(optimizers, ModuleOptimizers):  # each module steps through the wrapper's public step
+            opts = [optimizers.module(j) for j in range(len(optimizers.optimizers))]
+        else:
+            opts = list(optimizers)
         if len(opts) != len(part):
             raise ValueError(
                 f"{self.name}: {len(opts)} optimizers for {len(part)} modules; build them with "

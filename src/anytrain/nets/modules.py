@@ -110,9 +110,12 @@ class ModuleOptimizers(torch.optim.Optimizer):
     exactly through ``load_state_dict`` (after which the shared groups are re-linked, since torch's
     ``load_state_dict`` replaces the group dicts). A module without trainable parameters has no optimizer.
 
-    Each module steps its own optimizer (``anytrain.greedy.module_step``); in the multi-process runner each rank
-    builds only its own module's, which is what keeps the single-process and the multi-process runs identical
-    step for step.
+    Each module steps its own optimizer (``anytrain.greedy.module_step``), at its own moment in the step, through
+    :meth:`module` — a view whose ``step()`` is this wrapper's public ``step(module=j)``. So an LR scheduler
+    attached to the wrapper sees the wrapper stepped before it steps (torch checks this on the scheduler's first
+    step) without anything here touching torch's private state. In the multi-process runner each rank builds
+    only its own module's optimizer, which is what keeps the single-process and the multi-process runs
+    identical step for step.
 
     Args:
         optimizers: one optimizer per module, in module order (``None`` for a parameter-free module).
@@ -134,6 +137,7 @@ class ModuleOptimizers(torch.optim.Optimizer):
                     params.append(p)
         super().__init__([{"params": params}], dict(present[0].defaults))
         self.optimizers = opts
+        self._views = [None if o is None else ModuleStepper(self, j) for j, o in enumerate(opts)]
         self._link()
 
     def _link(self) -> None:
@@ -152,20 +156,29 @@ class ModuleOptimizers(torch.optim.Optimizer):
         self._link()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None, *, module: int | None = None
+    ) -> float | None:
+        """Step every module's optimizer, or only module ``module``'s (what :meth:`module`'s view calls)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if module is not None:
+            opt = self.optimizers[module]
+            if opt is None:
+                raise ValueError(f"module {module} has no optimizer")
+            opt.step()
+            return loss
         for o in self.optimizers:
             if o is not None:
                 o.step()
         return loss
 
-    def modules_stepped(self) -> None:
-        """Record that the modules have stepped their own optimizers (``anytrain.greedy.module_step``): an LR
-        scheduler attached to this wrapper checks the wrapper's flag, which ``step`` would have set."""
-        self._opt_called = True  # type: ignore[attr-defined]
+    def module(self, j: int) -> ModuleStepper | None:
+        """Module ``j``'s optimizer as the greedy procedures use it (``None`` for a parameter-free module): its
+        own groups and ``zero_grad``, and a ``step()`` that goes through this wrapper's ``step(module=j)``."""
+        return self._views[j]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
@@ -201,6 +214,35 @@ class ModuleOptimizers(torch.optim.Optimizer):
         return f"ModuleOptimizers([{inner}])"
 
 
+class ModuleStepper:
+    """One module's optimizer seen through its :class:`ModuleOptimizers` (``ModuleOptimizers.module(j)``):
+    ``param_groups``, ``state`` and ``zero_grad`` are the module optimizer's own; ``step`` calls the wrapper's
+    public ``step(module=j)``, so whatever watches the wrapper's ``step`` (an LR scheduler) sees the step."""
+
+    def __init__(self, owner: ModuleOptimizers, j: int) -> None:
+        self.owner, self.index = owner, j
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        opt = self.owner.optimizers[self.index]
+        assert opt is not None
+        return opt
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        return self.owner.step(closure, module=self.index)
+
+
 def build_module_optimizers(
     net: StagedNet, partition: Partition, factory: Callable[..., torch.optim.Optimizer]
 ) -> ModuleOptimizers:
@@ -214,6 +256,7 @@ def build_module_optimizers(
 
 __all__ = [
     "ModuleOptimizers",
+    "ModuleStepper",
     "Partition",
     "build_module_optimizers",
     "module_forward",
