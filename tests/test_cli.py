@@ -133,3 +133,22 @@ def test_dgl_parallel_subcommand_is_wired(capsys):
     assert "anytrain dgl-parallel" in capsys.readouterr().out
     assert main(["dgl-parallel", "--out", "unused", "--set", "rule.name=joint"]) == 2
     assert "needs rule.name: dgl" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_far_the_run_got_and_how_to_continue(tmp_path, capsys, monkeypatch):
+    from anytrain.train.trainer import Trainer
+
+    end_epoch = Trainer._end_epoch
+
+    def interrupt_after_second(self, epoch, loss):
+        end_epoch(self, epoch, loss)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_epoch", interrupt_after_second)
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--set", "train.epochs=4", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("anytrain: error: interrupted (epoch 2 of 4 done); the last good checkpoint"), err
+    assert f"continue with --resume {out}" in err

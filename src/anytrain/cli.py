@@ -105,7 +105,7 @@ def _train_run(cfg: RunConfig, out: Path, args: argparse.Namespace, ctx: Any) ->
     except TrainingFault as e:
         return _fail(str(e), EXIT_DIVERGED)
     except KeyboardInterrupt:
-        return _fail(f"interrupted; {trainer.checkpoint_note()}", 130)
+        return _fail(f"interrupted ({trainer.progress_note()}); {trainer.checkpoint_note()}", 130)
     if ctx.is_main:
         print(_table(metrics))
         print(f"run directory: {out}" + (f" ({ctx.world_size} data-parallel ranks)" if ctx.enabled else ""))

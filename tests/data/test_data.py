@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from anytrain.data import DATASETS, BatchLoader, DataBundle, RandomCropFlip, crop_flip, load_dataset
 from anytrain.data import _mnist1d as m1d
+from anytrain.data._bundle import dataset_options
 from anytrain.data._cache import cache_dir
 from anytrain.data._cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from anytrain.registry import ConfigError
@@ -522,3 +523,22 @@ def test_imagefolder_layouts_values_and_errors(tmp_path: Path) -> None:
     (tmp_path / "b" / "x" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ConfigError, match="cannot read image"):
         load_dataset("imagefolder", data_dir=str(tmp_path / "b"), size=4)
+
+
+OWN_KEYS = "the data section's own keys are name, data_dir, num_samples, batch_size, eval_batch_size, augment, val_size"
+
+
+@pytest.mark.parametrize(
+    "name,options,says",
+    [
+        ("fashion-mnist", {"foo": 1}, "data set 'fashion-mnist' takes no options, got data.options foo; "),
+        ("synthetic", {"foo": 1}, "unknown option(s) foo in data.options; it takes shape, num_classes, n_train"),
+        ("mnist", {"batch_size": 8}, "(batch_size is a key of the data section: set data.batch_size)"),
+    ],
+)
+def test_unknown_data_options_say_what_the_data_set_and_the_section_take(name, options, says):
+    with pytest.raises(ConfigError) as e:
+        load_dataset(name, data_dir="/nonexistent", **options)  # options are checked before any file is read
+    msg = str(e.value)
+    assert says in msg and msg.endswith(OWN_KEYS) and "\n" not in msg
+    assert dataset_options("fashion-mnist") == [] and dataset_options("digits") == ["test_fraction"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -136,6 +137,7 @@ def load_dataset(
     """
     if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) <= 0):
         raise ConfigError(f"data set {name!r}: num_samples must be a positive integer, got {num_samples!r}")
+    _check_options(name, kwargs)
     bundle = DATASETS.build(
         name,
         data_dir=data_dir,
@@ -145,6 +147,41 @@ def load_dataset(
         **kwargs,
     )
     return bundle.with_validation(val_size, int(seed))
+
+
+#: Keywords ``load_dataset`` passes to every data set's builder: not data-set options.
+_COMMON = ("data_dir", "seed", "num_samples", "augment")
+
+
+def dataset_options(name: str) -> list[str] | None:
+    """The options data set ``name`` takes (``data.options``), in its builder's order; ``None`` when its builder
+    takes any keyword."""
+    params = inspect.signature(DATASETS.get(name)).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name not in _COMMON]
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    """A one-line ``ConfigError`` for options data set ``name`` does not take: which ones, what it does take
+    (or that it takes none), and the ``data`` section's own keys, which belong beside ``options``."""
+    from anytrain.config import DataConfig  # a lower layer: the keys of the config's data section
+
+    allowed = dataset_options(name)
+    unknown = sorted(set(options) - set(allowed)) if allowed is not None else []
+    if not unknown:
+        return
+    own = [f.name for f in fields(DataConfig) if f.name != "options"]
+    got = ", ".join(unknown)
+    if allowed:
+        msg = f"data set {name!r}: unknown option(s) {got} in data.options; it takes {', '.join(allowed)}"
+    else:
+        msg = f"data set {name!r} takes no options, got data.options {got}"
+    misplaced = [k for k in unknown if k in own]
+    if misplaced:
+        msg += f" ({misplaced[0]} is a key of the data section: set data.{misplaced[0]})"
+    raise ConfigError(f"{msg}; the data section's own keys are {', '.join(own)}")
 
 
 def normalize_channels(

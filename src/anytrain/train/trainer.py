@@ -325,6 +325,10 @@ class Trainer:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
 
+    def progress_note(self) -> str:
+        """How far the run got, in words ("epoch 5 of 30 done"): for the one-line message of an interrupt."""
+        return f"epoch {max(self.start_epoch, self._epochs_done)} of {self.epochs} done"
+
     def checkpoint_note(self) -> str:
         """What is left after a stop, in words: for the one-line messages of faults and interrupts."""
         if self.replace and self.out != self.final_out:
@@ -450,7 +454,10 @@ class Trainer:
                     out[f"{prefix}/{k}"] = float(v)
         return out
 
+    _epochs_done = 0  # epochs trained in this session's loop (set at each epoch's end, on every rank)
+
     def _end_epoch(self, epoch: int, train_loss: list[float]) -> None:
+        self._epochs_done = epoch + 1
         if not self.dist.is_main:  # replicas are identical; rank 0 evaluates and writes
             return
         rec: dict[str, Any] = {
