@@ -5,7 +5,7 @@ the real training step (``Trainer.train_step``: the rule's forward/backward, the
 runs ``--steps`` times on random batches already on the device; the median step time over the steps after
 ``--warmup`` and ``torch.cuda.max_memory_allocated`` are printed and written as JSON.
 
-    python benchmarks/bench_cuda.py --steps 300 --out benchmarks/results/cuda.json
+    python benchmarks/bench_cuda.py --steps 300   # writes runs/benchmarks/cuda.json (--out to change)
 
 Without a CUDA device it prints a message and exits with status 0; CI never depends on it.
 """
@@ -68,7 +68,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cuda.json"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "cuda.json"))  # outside the source tree
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device available; nothing measured")

@@ -8,7 +8,8 @@
     python benchmarks/bench_curvature.py --part ab --old OLD.py  # this CurvatureCorrected against an older one
     python benchmarks/bench_curvature.py                    # all three
 
-Prints a table per part and writes benchmarks/results/curvature_<part>.json. curvlinops is a benchmark-only
+Prints a table per part and writes curvature_<part>.json into ``--out-dir`` (default runs/benchmarks/; the
+committed copies are refreshed with ``--out-dir benchmarks/results``). curvlinops is a benchmark-only
 dependency (never imported by the library).
 """
 
@@ -27,13 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _output import default_out
 from torch import Tensor, nn
 
 from anytrain.data import load_dataset
 from anytrain.optim import CurvatureCorrected
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 # ---- models --------------------------------------------------------------------------------------------
@@ -458,6 +457,7 @@ def main() -> None:
     ap.add_argument("--old", help="ab: a standalone older curvature.py to time against")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--cases", nargs="*", default=None, help="speed: only these cases (default: all six)")
+    ap.add_argument("--out-dir", type=Path, default=default_out(), help="where curvature_<part>.json goes")
     args = ap.parse_args()
     torch.set_num_threads(1)
     meta = {
@@ -477,7 +477,7 @@ def main() -> None:
             "schedule": lambda: run_accuracy(args.seeds, only=["alpha=1/2", "alpha=1/2 (20/500)"]),
             "ab": lambda: run_ab(args.old, cases=args.cases),
         }[part]()
-        atomic_json(RESULTS / f"curvature_{part}.json", {"meta": meta, "seconds": time.perf_counter() - t0, **res})
+        atomic_json(args.out_dir / f"curvature_{part}.json", {"meta": meta, "seconds": time.perf_counter() - t0, **res})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ order, optimizer (SGD, momentum 0.9, cosine schedule) and number of epochs:
 
 Reports final (last-exit) and per-exit test accuracy, mean ± std over seeds.
 
-    python benchmarks/bench_dgl.py --seeds 3 --out benchmarks/results/dgl_accuracy.json
+    python benchmarks/bench_dgl.py --seeds 3   # writes runs/benchmarks/dgl_accuracy.json (--out to change)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _output import default_out
 
 from anytrain.data import BatchLoader, load_dataset
 from anytrain.eval.anytime import accuracy_per_exit, exit_logits
@@ -135,7 +136,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--head", default="conv1x1")
-    ap.add_argument("--out", default="benchmarks/results/dgl_accuracy.json")
+    ap.add_argument("--out", default=str(default_out("dgl_accuracy.json")))
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)

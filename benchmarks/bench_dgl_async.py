@@ -9,7 +9,7 @@ same number of updates, as in the authors' code) — and ``sampling`` of the buf
 the cost of fewer updates. Each module has its own cosine schedule over the number of updates it is expected to
 make (``p_j / p_0`` × the producer's under ``until_first_done``, the producer's under ``equal``).
 
-    python benchmarks/bench_dgl_async.py --seeds 2 --out benchmarks/results/dgl_async.json
+    python benchmarks/bench_dgl_async.py --seeds 2   # writes runs/benchmarks/dgl_async.json (--out to change)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _output import default_out
 
 from anytrain.data import BatchLoader, load_dataset
 from anytrain.eval.anytime import accuracy_per_exit, exit_logits
@@ -82,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--out", default="benchmarks/results/dgl_async.json")
+    ap.add_argument("--out", default=str(default_out("dgl_async.json")))
     ap.add_argument("--only-new", action="store_true", help="run only the equal-updates / least-used grid")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -5,7 +5,7 @@
 2. Throughput: samples/s of ``anytrain dgl-parallel`` with K ranks (1 thread each) vs the same synchronous DGL
    in one process (1 thread), same net, data, batch size and epochs; plus the peak RSS of each process.
 
-    python benchmarks/bench_dgl_parallel.py --out benchmarks/results/dgl_parallel.json
+    python benchmarks/bench_dgl_parallel.py   # writes runs/benchmarks/dgl_parallel.json (--out to change)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _output import default_out
 
 from anytrain.data import BatchLoader, load_dataset
 from anytrain.greedy import DGL, build_module_optimizers, module_forward, partition_stages
@@ -139,7 +140,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--single-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="benchmarks/results/dgl_parallel.json")
+    ap.add_argument("--out", default=str(default_out("dgl_parallel.json")))
     args = ap.parse_args()
     if args.single_only:  # a fresh process, so its peak RSS is its own
         print(json.dumps(single_process(args.ks[0], args.width, args.batch, args.epochs)))

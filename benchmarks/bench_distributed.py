@@ -1,7 +1,8 @@
 """Data-parallel overheads on CPU (gloo): the finite-gradient check, and one coalesced all-reduce vs one call per
 parameter tensor.
 
-    python benchmarks/bench_distributed.py            # prints a table, writes benchmarks/results/distributed.json
+    python benchmarks/bench_distributed.py            # prints a table, writes runs/benchmarks/distributed.json
+    python benchmarks/bench_distributed.py --out benchmarks/results/distributed.json   # refresh the committed copy
 
 (1) Per-step cost of the trainer's finite-gradient flag (``distributed.grads_finite``: one fused L1-norm pass,
 no host sync), measured as train-step time with and without it on the default MNIST-1D-sized CNN.
@@ -11,6 +12,7 @@ does) vs one all-reduce per parameter tensor (what a naive loop does).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from _output import default_out
 
-RESULTS = Path(__file__).parent / "results" / "distributed.json"
 CFG = [
     "data.name=synthetic",
     "data.options.shape=[1,40]",
@@ -133,6 +135,9 @@ def bench_allreduce(reps: int = 200) -> dict[str, float]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=default_out("distributed.json"))
+    out = ap.parse_args().out
     torch.set_num_threads(1)
     r1 = bench_finite_check()
     r2 = bench_allreduce()
@@ -144,8 +149,8 @@ def main() -> None:
         f"2-rank gloo gradient average, {r2['tensors']} tensors / {r2['params']:,} params: "
         f"coalesced {r2['coalesced_ms']:.3f} ms, per tensor {r2['per_tensor_ms']:.3f} ms"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {"finite_check": r1, "allreduce": r2, "python": sys.version.split()[0], "torch": torch.__version__},
             indent=2,

@@ -25,9 +25,10 @@ Groups (each a table in ``benchmarks/RESULTS.md``):
 Every training process runs under ``nice -n 10`` with ``train.threads=1``; at most ``--jobs`` at a time. glibc's
 malloc is told to keep freed memory (``MALLOC_*`` below): without it the 10,000-image evaluations page-fault
 their buffers back in on every batch (measured: ~4x less system time). Run directories go to ``--out`` (default
-``/work/runs/fashion``): a finished run (its ``metrics.json`` or result file exists) is skipped, an unfinished
-one is resumed with ``anytrain train --resume``; nothing is deleted. Results:
-``benchmarks/results/fashion_<group>.json`` and ``.md``; ``--report-only`` rebuilds them from what has finished.
+``runs/benchmarks/fashion/runs``): a finished run (its ``metrics.json`` or result file exists) is skipped, an
+unfinished one is resumed with ``anytrain train --resume``; nothing is deleted. Results:
+``fashion_<group>.json`` and ``.md`` in ``--results`` (default ``runs/benchmarks/fashion``; the committed copies
+are refreshed with ``--results benchmarks/results``); ``--report-only`` rebuilds them from what has finished.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _output import default_out
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = default_out("fashion")  # --results
 CONFIGS = ROOT / "configs"
 NICE = ["nice", "-n", "10"]
 ENV = {
@@ -503,7 +506,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", default="/work/runs/fashion", help="run directories (outside the repository)")
+    ap.add_argument("--out", default=str(default_out("fashion", "runs")), help="run directories")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where fashion_<group>.json and .md go")
     ap.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     ap.add_argument("--slbi-epochs", type=int, default=2, help="epochs of every slbi-group training")
     ap.add_argument("--borrow", help="baselines: fashion_anytime.json whose runs fill the rows not run here")
@@ -511,6 +515,8 @@ def main() -> None:
     ap.add_argument("--part", choices=["steptime"], help=argparse.SUPPRESS)
     ap.add_argument("--timing-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global RESULTS
+    RESULTS = args.results
     if args.part == "steptime":
         steptime(args.timing_out)
         return

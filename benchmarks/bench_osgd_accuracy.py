@@ -9,8 +9,8 @@ sub-network of the same size trained by itself.
 
     python benchmarks/bench_osgd_accuracy.py --epochs 30 --seeds 0 1 2
 
-Results go to ``benchmarks/results/osgd_accuracy.json`` (one entry per run, appended as runs finish, so an
-interrupted benchmark resumes where it stopped) and a summary table is printed (mean ± std per exit, mean
+Results go to ``--out`` (default ``runs/benchmarks/osgd_accuracy.json``; one entry per run, appended as runs
+finish, so an interrupted benchmark resumes where it stopped) and a summary table is printed (mean ± std per exit, mean
 exit accuracy, area under the accuracy-vs-FLOPs curve).
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _output import default_out
 
 from anytrain.data import load_dataset
 from anytrain.eval.anytime import anytime_auc
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--nets", nargs="+", default=list(NETS))
     ap.add_argument("--rules", nargs="+", default=list(RULES) + ["independent"])
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--out", default="benchmarks/results/osgd_accuracy.json")
+    ap.add_argument("--out", default=str(default_out("osgd_accuracy.json")))
     ap.add_argument("--summarize", nargs="+", metavar="JSON", help="only print the table of these result files")
     a = ap.parse_args()
     if a.summarize:

@@ -10,7 +10,7 @@ does not accept BatchNorm; we use ``batch_dim=None``, the mode that works for an
 
     python benchmarks/bench_osgd_speed.py [--quick]
 
-Prints a table and writes ``benchmarks/results/osgd_speed.json``.
+Prints a table and writes ``--out`` (default ``runs/benchmarks/osgd_speed.json``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _output import default_out
 
 from anytrain.nets import build_model
 from anytrain.rules import build_rule
@@ -128,7 +129,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--out", default="benchmarks/results/osgd_speed.json")
+    ap.add_argument("--out", default=str(default_out("osgd_speed.json")))
     a = ap.parse_args()
     torch.set_num_threads(1)
     reps, warm = (10, 2) if a.quick else (a.reps, 10)  # warm-up of 10 keeps amortized periods aligned

@@ -5,7 +5,7 @@ tickets vs magnitude vs random pruning at equal sparsity, exported-model size/FL
     python benchmarks/bench_slbi.py --dataset fashion-mnist --num-samples 8000 --model cnn2d-exits --width 16 \
         --epochs 4 --speed-steps 0 --seeds 0 --out RUNDIR/slbi-seed0.json   # as bench_fashion.py runs it
 
-Writes ``benchmarks/results/slbi.json``. Lean loop (no trainer): joint loss over the exits of
+Writes ``--out`` (default ``runs/benchmarks/slbi.json``). Lean loop (no trainer): joint loss over the exits of
 ``cnn1d-exits`` (or ``--model``); accuracy is that of the last exit.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _output import default_out
 from torch import nn
 
 from anytrain.data import load_dataset
@@ -36,8 +37,6 @@ from anytrain.sparsity import (
     stopping_point,
     zero_channel_plan,
 )
-
-OUT = Path(__file__).parent / "results"
 
 
 def batches(n: int, bs: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -199,7 +198,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="mnist1d")
     ap.add_argument("--num-samples", type=int, default=None, help="data.num_samples (a seeded training subset)")
     ap.add_argument("--model", default="cnn1d-exits", help="a branched net with a `width` and `exits` option")
-    ap.add_argument("--out", default=str(OUT / "slbi.json"))
+    ap.add_argument("--out", default=str(default_out("slbi.json")))
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -3,7 +3,7 @@ load on a shared machine; and the optimizer step alone.
 
     python benchmarks/bench_slbi_speed.py --steps 40
 
-Writes ``benchmarks/results/slbi_speed.json``.
+Writes ``--out`` (default ``runs/benchmarks/slbi_speed.json``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _output import default_out
 
 from anytrain.nets import build_model
 from anytrain.optim import build_optimizer
@@ -30,7 +31,7 @@ NETS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "slbi_speed.json"))
+    ap.add_argument("--out", default=str(default_out("slbi_speed.json")))
     args = ap.parse_args()
     torch.set_num_threads(1)
     res = {}
@@ -66,6 +67,7 @@ def main() -> None:
         r["ratio_opt_step"] = r["slbi"]["opt_step_s"] / r["sgd"]["opt_step_s"]
         res[label] = r
         print(label, json.dumps(r), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, args.out)

@@ -11,9 +11,14 @@ not change the result, sweeps α, and separately runs the same rules with a *fin
 recorded), which is a different dynamical system.
 
     python benchmarks/deep_linear.py            # 5-11 min on one shared core
-    python benchmarks/deep_linear.py --quick    # depths 2-3 only, for a smoke run
+    python benchmarks/deep_linear.py --quick    # depths 2-3 only
+    python benchmarks/deep_linear.py --smoke    # depth 2, short: seconds (the tests run it)
 
-Writes benchmarks/results/deep_linear.json and docs/figures/deeplinear_*.png.
+Writes deep_linear.json (deep_linear_quick/_smoke.json with --quick/--smoke) into ``--out-dir`` and the figures
+deeplinear_*.png into ``--figures-dir`` (both default to runs/benchmarks/deep_linear/, outside the source tree).
+The committed copies are refreshed on purpose, with a full run pointed at them:
+
+    python benchmarks/deep_linear.py --out-dir benchmarks/results --figures-dir docs/figures
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+from _output import default_out
 
 from anytrain.optim import deeplinear as dl
 
-ROOT = Path(__file__).resolve().parents[1]
 RULES = {  # label: (rule, alpha, damping)
     "GD": ("gd", 0.0, 0.0),
     "full NGD": ("ngd", 0.0, 1e-6),
@@ -94,26 +99,31 @@ def atomic_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def flow(ws0: list[torch.Tensor], teacher: dl.Teacher, label: str, tol: dict) -> dl.History:
+def flow(ws0: list[torch.Tensor], teacher: dl.Teacher, label: str, tol: dict, t_end: float = T_END) -> dl.History:
     rule, alpha, lam = RULES[label]
-    return dl.integrate([w.clone() for w in ws0], teacher, rule, T_END, alpha, lam, stop_below=STOP, **tol)
+    return dl.integrate([w.clone() for w in ws0], teacher, rule, t_end, alpha, lam, stop_below=STOP, **tol)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="depth 2, short flows, no extra sweep: seconds, for tests")
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--out-dir", type=Path, default=default_out("deep_linear"), help="where the JSON goes")
+    ap.add_argument("--figures-dir", type=Path, default=None, help="where the figures go (default: --out-dir)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    depths = (2, 3) if args.quick else (2, 3, 4, 5, 6)
-    finite_depths = (2, 3) if args.quick else (2, 3, 4)
+    depths = (2,) if args.smoke else (2, 3) if args.quick else (2, 3, 4, 5, 6)
+    finite_depths = (2,) if args.smoke else (2, 3) if args.quick else (2, 3, 4)
+    t_end, finite_steps = (50.0, 100) if args.smoke else (T_END, FINITE_STEPS)
+    check_depth = 3 if 3 in depths else depths[-1]
     teacher = dl.make_teacher(WIDTH, WIDTH, SVALS, seed=0)
     setup = {
         "width": WIDTH,
         "teacher_singular_values": SVALS,
         "init_scale": SCALE,
-        "flow": {"solver": "scipy solve_ivp DOP853", **TOL, "t_end": T_END, "stop_below": STOP},
-        "finite_step": {"lr": LR, "steps": FINITE_STEPS, "recorded": "every step"},
+        "flow": {"solver": "scipy solve_ivp DOP853", **TOL, "t_end": t_end, "stop_below": STOP},
+        "finite_step": {"lr": LR, "steps": finite_steps, "recorded": "every step"},
         "rules": {k: {"rule": r, "alpha": a, "damping": lam} for k, (r, a, lam) in RULES.items()},
     }
     results: dict = {"setup": setup, "flow": {}, "tolerance_check": {}, "finite_step": {}, "alpha_sweep": {}}
@@ -124,7 +134,7 @@ def main() -> None:
         ws0 = dl.init_student([WIDTH] * (L + 1), SCALE, seed=1)
         results["flow"][L] = {}
         for label in RULES:
-            h = flows[(L, label)] = flow(ws0, teacher, label, TOL)
+            h = flows[(L, label)] = flow(ws0, teacher, label, TOL, t_end)
             s = results["flow"][L][label] = {**summarize(h, teacher), "curve": curve(h)}
             print(
                 f"flow L={L} {label:12s} t(1e-3)={s['time_to_1e-3']} t(1e-6)={s['time_to_1e-6']} "
@@ -132,9 +142,10 @@ def main() -> None:
                 flush=True,
             )
     # the same flows at looser tolerances (depth 3): the figures must not move
-    ws0 = dl.init_student([WIDTH] * 4, SCALE, seed=1)
+    ws0 = dl.init_student([WIDTH] * (check_depth + 1), SCALE, seed=1)
     for label in RULES:
-        a, b = summarize(flows[(3, label)], teacher), summarize(flow(ws0, teacher, label, LOOSE), teacher)
+        loose = flow(ws0, teacher, label, LOOSE, t_end)
+        a, b = summarize(flows[(check_depth, label)], teacher), summarize(loose, teacher)
         results["tolerance_check"][label] = {
             k: abs(a[k] - b[k]) / abs(a[k]) for k in ("time_to_1e-3", "time_to_1e-6", "balance_growth") if a[k]
         }
@@ -144,7 +155,7 @@ def main() -> None:
         results["finite_step"][L] = {}
         for label, (rule, alpha, lam) in RULES.items():
             h = finite[(L, label)] = dl.simulate(
-                [w.clone() for w in ws0], teacher, rule, LR, FINITE_STEPS, alpha=alpha, damping=lam, record_every=1
+                [w.clone() for w in ws0], teacher, rule, LR, finite_steps, alpha=alpha, damping=lam, record_every=1
             )
             s = results["finite_step"][L][label] = {**summarize(h, teacher), "curve": curve(h)}
             print(
@@ -152,7 +163,7 @@ def main() -> None:
                 f"imbalance x{s['balance_growth']:.4g} (max {s['balance_max']:.3g})",
                 flush=True,
             )
-    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    alphas = [0.0, 0.5, 1.0] if args.smoke else [0.0, 0.25, 0.5, 0.75, 1.0]
     for L in finite_depths:
         ws0 = dl.init_student([WIDTH] * (L + 1), SCALE, seed=1)
         results["alpha_sweep"][L] = {}
@@ -162,29 +173,36 @@ def main() -> None:
                 s = summarize(flows[(L, known)], teacher)
             else:
                 h = dl.integrate(
-                    [w.clone() for w in ws0], teacher, "fractional", T_END, a, 1e-4, stop_below=STOP, **TOL
+                    [w.clone() for w in ws0], teacher, "fractional", t_end, a, 1e-4, stop_below=STOP, **TOL
                 )
                 s = summarize(h, teacher)
             results["alpha_sweep"][L][a] = s
             print(f"sweep L={L} alpha={a:.3f} t(1e-3)={s['time_to_1e-3']} x{s['balance_growth']:.4g}", flush=True)
     results["seconds"] = time.perf_counter() - t0
-    out = ROOT / "benchmarks" / "results"
+    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    atomic_json(out / ("deep_linear_quick.json" if args.quick else "deep_linear.json"), results)
+    name = "deep_linear_smoke.json" if args.smoke else "deep_linear_quick.json" if args.quick else "deep_linear.json"
+    atomic_json(out / name, results)
     if not args.no_figures:
-        figures(flows, finite, results, teacher, alphas, depths, finite_depths)
+        figures(args.figures_dir or out, flows, finite, results, teacher, alphas, depths, finite_depths)
     print(f"done in {results['seconds']:.1f} s")
 
 
 def figures(
-    flows: dict, finite: dict, results: dict, teacher: dl.Teacher, alphas: list[float], depths, finite_depths
+    figdir: Path,
+    flows: dict,
+    finite: dict,
+    results: dict,
+    teacher: dl.Teacher,
+    alphas: list[float],
+    depths,
+    finite_depths,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figdir = ROOT / "docs" / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     shown = [L for L in (2, 3, 4) if L in finite_depths]
     # 1. loss and balance: the flows (top two rows) and, labelled, the finite-step runs (bottom two rows)
@@ -200,7 +218,7 @@ def figures(
         axes[2, j].set_title(f"finite steps η={LR} (not the flow), depth L={L}", fontsize=10)
         for row in range(4):
             axes[row, j].set_xscale("symlog", linthresh=1.0)
-            axes[row, j].set_xlim(0, 300 if row < 2 else LR * FINITE_STEPS)
+            axes[row, j].set_xlim(0, 300 if row < 2 else LR * len(finite[(L, "GD")].loss))
         axes[1, j].set_xlabel("time t")
         axes[3, j].set_xlabel("time t = η·step")
     for row, what in enumerate(["loss", "imbalance", "loss", "imbalance"]):
