@@ -86,8 +86,9 @@ class AnytimePredictor:
             ``budget`` and ``val=(x, y)``, the validation split to fit the thresholds on, or already fitted
             ``thresholds``).
         thresholds: one per exit but the last, each in ``[0, 1]`` (or ``anytrain.eval.NEVER``).
-        input_shape: the shape of one sample; inputs of another shape are refused (default: the shape of ``val``
-            or of the first input seen is not enforced).
+        input_shape: the shape of one sample; inputs of another shape are refused, and the MACs per stage and
+            head are counted here rather than on the first call (default: the shape of ``val`` if given, else
+            not enforced).
         input_dtype: the dtype inputs must have (default: the network's floating-point dtype).
 
     Example:
@@ -136,6 +137,8 @@ class AnytimePredictor:
         else:
             self.policy = make_policy(policy, thresholds=thresholds, patience=patience, exit=exit, budget=budget)
         self.policy.check(K)
+        if self.input_shape is not None:
+            self.parts.macs(self.input_shape)  # counted once here (a dry run), not inside predict
 
     # ---- fitting -----------------------------------------------------------------------------------------
     def fit_budget(self, val: tuple[Tensor, Tensor], budget: float, batch_size: int = 1000) -> Budget:
