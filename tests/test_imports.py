@@ -1,9 +1,9 @@
 """One-way imports: a module of ``anytrain`` imports only its own layer or lower ones (DESIGN.md).
 
 Layers, lowest first: ``registry``, ``config`` → ``data``, ``nets``, ``optim`` → ``rules``, ``sparsity`` →
-``eval``, ``greedy``, ``inference`` → ``train`` → ``cli``. Every import counts, also one inside a function; only imports under
-``if TYPE_CHECKING:`` (never run) are exempt. The imports are read from the source with ``ast``, so nothing is
-executed.
+``eval``, ``greedy``, ``inference`` → ``train`` → ``cli``. Every import counts, also one inside a function; only
+imports under ``if TYPE_CHECKING:`` (never run) are exempt. The imports are read from the source with ``ast``,
+so nothing is executed.
 """
 
 from __future__ import annotations

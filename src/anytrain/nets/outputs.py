@@ -7,10 +7,10 @@ plain multi-exit ``nn.Module`` we find them from the computation itself:
     **An output layer** is a convolution or linear layer whose result reaches one of the model's outputs
     without passing through another convolution or linear layer.
 
-With an example input this is read off the autograd graph of one forward pass (eval mode): walking back from
-every output tensor, each path stops at the first conv/linear layer it meets. Without one, the same walk runs
-over the ``torch.fx`` graph of the model (``symbolic_trace``), which needs no input but cannot trace
-data-dependent control flow; then a one-line ``ValueError`` asks for an input or the layer names.
+With an example input this is read off the autograd graph of one forward pass (eval mode, weights that require
+grad): walking back from every output tensor, each path stops at the first conv/linear layer it meets. Without
+one, the same walk runs over the ``torch.fx`` graph of the model (``symbolic_trace``), which needs no input but
+cannot trace data-dependent control flow; then a one-line ``ValueError`` asks for an input or the layer names.
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ def _by_autograd(model: nn.Module, x: Tensor) -> list[nn.Module]:
     was = model.training
     model.eval()
     try:
-        xin = x.detach().clone().requires_grad_(True) if x.is_floating_point() else x
-        with torch.enable_grad():
-            outs = [t for t in tree_flatten(model(xin))[0] if isinstance(t, Tensor)]
+        with torch.enable_grad():  # the layers' weights require grad, so their outputs carry grad_fn nodes
+            outs = [t for t in tree_flatten(model(x))[0] if isinstance(t, Tensor)]
     finally:
         model.train(was)
         for h in handles:
