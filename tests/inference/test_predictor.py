@@ -6,66 +6,12 @@ import math
 
 import pytest
 import torch
+from inference_helpers import NETS, reference, safe_thresholds, shape_of
 from torch import nn
 
-from anytrain.eval import NEVER, early_exit, exit_costs, fit_budget
+from anytrain.eval import early_exit, exit_costs, fit_budget
 from anytrain.inference import AnytimePredictor, Budget, Deadline, Entropy, MaxProb, Patience
-from anytrain.nets import StagedNet, build_model
-
-MSD_TINY = dict(blocks=3, base=1, step=1, scales=2, channels=2, growth=2, scale_widths=[1, 2], bottleneck_widths=[1, 2])
-NETS = {
-    "branched": lambda: build_model("cnn1d-exits", in_shape=(1, 40), num_classes=5, width=8),
-    "nested-width": lambda: build_model("nested-width", in_shape=(1, 40), num_classes=5, stages=3),
-    "nested-depth": lambda: build_model("nested-depth", in_shape=(1, 40), num_classes=5, stages=3),
-    "nested-width-depth": lambda: build_model("nested-width-depth", in_shape=(1, 8, 8), num_classes=5, stages=3),
-    "msdnet": lambda: build_model("msdnet", in_shape=(1, 8, 8), num_classes=5, head_channels=4, **MSD_TINY),
-    "own": lambda: _own_net(),
-}
-SHAPES = {"branched": (1, 40), "nested-width": (1, 40), "nested-depth": (1, 40)}
-
-
-class _TwoTensorState(nn.Module):
-    """A user's stage whose state is a dict of two tensors (a pytree the predictor must carry row by row)."""
-
-    def __init__(self, d_in: int, d: int) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(d_in, d), nn.Linear(d_in, d)
-
-    def forward(self, s: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
-        h = s if isinstance(s, torch.Tensor) else torch.cat([s["h"], s["skip"]], 1)
-        return {"h": torch.relu(self.a(h.flatten(1))), "skip": torch.tanh(self.b(h.flatten(1)))}
-
-
-class _Head(nn.Module):
-    def __init__(self, d: int, c: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(2 * d, c)
-
-    def forward(self, s: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.fc(torch.cat([s["h"], s["skip"]], 1))
-
-
-def _own_net() -> StagedNet:
-    return StagedNet(
-        [_TwoTensorState(12, 6), _TwoTensorState(12, 6), _TwoTensorState(12, 6)], [_Head(6, 5) for _ in range(3)]
-    )
-
-
-def _shape(name: str) -> tuple[int, ...]:
-    return SHAPES.get(name, (12,) if name == "own" else (1, 8, 8))
-
-
-def _safe_thresholds(conf: torch.Tensor, q: float) -> list[float]:
-    """Per exit, a threshold near quantile ``q`` of the confidences that lies midway in a gap > 1e-4 (so float
-    rounding between batch sizes cannot flip a decision)."""
-    out = []
-    for c in conf[:-1]:
-        s = c.sort().values
-        gaps = (s[1:] - s[:-1]) > 1e-4
-        i = int(q * (len(s) - 1))
-        j = next((j for j in list(range(i, len(s) - 1)) + list(range(i - 1, -1, -1)) if gaps[j]), None)
-        out.append(NEVER if j is None else float(s[j] + s[j + 1]) / 2)
-    return out
+from anytrain.nets import StagedNet
 
 
 def _entropy_conf(logits: torch.Tensor) -> torch.Tensor:
@@ -114,12 +60,6 @@ class _Counter:
         return hook
 
 
-def _reference(net: StagedNet, x: torch.Tensor) -> torch.Tensor:
-    net.eval()
-    with torch.no_grad():
-        return torch.stack(net(x))
-
-
 def _check(net: StagedNet, x: torch.Tensor, policy, ref_exits: torch.Tensor, logits: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
     K, n = logits.shape[:2]
     stage_macs, head_macs = net.flops_breakdown(tuple(x.shape[1:]))
@@ -152,22 +92,22 @@ def _check(net: StagedNet, x: torch.Tensor, policy, ref_exits: torch.Tensor, log
 @pytest.mark.parametrize("n", [1, 1500])
 def test_threshold_policies_equal_the_simulation(name: str, n: int) -> None:
     net = NETS[name]().eval()
-    x = torch.randn(n, *_shape(name))
-    logits = _reference(net, x)
-    probe = _reference(net, torch.randn(400, *_shape(name)))  # thresholds from other samples
+    x = torch.randn(n, *shape_of(name))
+    logits = reference(net, x)
+    probe = reference(net, torch.randn(400, *shape_of(name)))  # thresholds from other samples
     conf = probe.softmax(-1).max(-1).values
     for q in (0.3, 0.7):
-        taus = _safe_thresholds(conf, q)
+        taus = safe_thresholds(conf, q)
         _check(net, x, MaxProb(taus), early_exit(logits.softmax(-1).max(-1).values, taus), logits)
-    taus = _safe_thresholds(_entropy_conf(probe), 0.5)
+    taus = safe_thresholds(_entropy_conf(probe), 0.5)
     _check(net, x, Entropy(taus), early_exit(_entropy_conf(logits), taus), logits)
 
 
 @pytest.mark.parametrize("name", list(NETS))
 def test_patience_and_deadline_equal_the_simulation(name: str) -> None:
     net = NETS[name]().eval()
-    x = torch.randn(700, *_shape(name))
-    logits = _reference(net, x)
+    x = torch.randn(700, *shape_of(name))
+    logits = reference(net, x)
     K = logits.shape[0]
     for t in range(K):
         _check(net, x, Patience(t), _patience_exits(logits.argmax(-1), t), logits)
@@ -179,19 +119,19 @@ def test_patience_and_deadline_equal_the_simulation(name: str) -> None:
 @pytest.mark.parametrize("name", ["nested-width", "msdnet"])
 def test_budget_policy_is_the_validation_fit_and_equals_the_simulation(name: str) -> None:
     net = NETS[name]().eval()
-    shape = _shape(name)
+    shape = shape_of(name)
     xv, yv = torch.randn(600, *shape), torch.randint(0, 5, (600,))
     costs = exit_costs(*net.flops_breakdown(shape))
     budget = (costs[0] + costs[-1]) / 2
     pred = AnytimePredictor(net, "budget", budget=budget, val=(xv, yv))
     # the reference fit from scores computed here, independently of anytrain.eval.exit_scores
-    lv = _reference(net, xv)
+    lv = reference(net, xv)
     conf, lab = lv.softmax(-1).max(-1)
     fit = fit_budget(conf, lab == yv[None], costs, budget)
     assert isinstance(pred.policy, Budget) and pred.policy.budget == budget
     assert pred.policy.thresholds == pytest.approx(fit.thresholds, abs=1e-6)
     x = torch.randn(900, *shape)
-    logits = _reference(net, x)
+    logits = reference(net, x)
     taus = pred.policy.thresholds
     _check(net, x, pred.policy, early_exit(logits.softmax(-1).max(-1).values, taus), logits)
     # on the validation split itself the realised mean cost is within the budget
