@@ -4,7 +4,9 @@ Stage ``k`` runs only on the rows still undecided: after each exit the rows that
 tensor of the stage state (a pytree; the state is gathered with one ``index_select`` per tensor), and the next
 stage resumes from what is left (as :meth:`StagedNet.continue_from` does). A sample's answer is written when it
 exits. The MACs of a sample are counted as the loop runs: the MACs of every stage and head evaluated on its row
-(``stage_macs[k]``/``head_macs[k]`` from :meth:`StagedNet.flops_breakdown`, for one sample).
+(``stage_macs[k]``/``head_macs[k]`` from :meth:`StagedNet.flops_breakdown`, for one sample; every running row
+runs the same parts, so one running total serves them all). One host synchronisation per exit (how many rows stop)
+decides the shapes of what follows.
 
 The predictor runs eager networks and exported parts (:meth:`AnytimePredictor.load`) through the same loop;
 both sit behind :class:`Parts`.
@@ -193,35 +195,37 @@ class AnytimePredictor:
         n, dev = x.shape[0], x.device
         labels = torch.empty(n, dtype=torch.long, device=dev)
         exits = torch.empty(n, dtype=torch.long, device=dev)
-        macs = torch.zeros(n, dtype=torch.long, device=dev)
+        macs = torch.empty(n, dtype=torch.long, device=dev)
         logits: Tensor | None = None
         rows = torch.arange(n, device=dev)  # the samples still running, in the order of the state's rows
+        spent = 0  # MACs every running row has spent: each stage and head is run on all of them
         state: State = x
         carry = policy.start(n, dev)
         for k in range(last + 1):
             state = self.parts.stage(k, state)
-            macs[rows] += stage_macs[k]
+            spent += int(stage_macs[k])
             if not policy.runs_head(k, K):
                 continue
             z = self.parts.head(k, state)
-            macs[rows] += head_macs[k]
+            spent += int(head_macs[k])
             if logits is None:
                 logits = torch.empty(n, z.shape[-1], dtype=z.dtype, device=dev)
             if k == last:
-                stop = torch.ones(z.shape[0], dtype=torch.bool, device=dev)
+                stop, n_stop = None, rows.numel()
             else:
                 stop, carry = policy.decide(k, z, carry)
-            done = rows[stop]
-            labels[done] = z[stop].argmax(-1)
-            exits[done] = k
-            logits[done] = z[stop]
-            if k == last:
+                n_stop = int(stop.sum())  # the one host sync per exit: how many rows go on
+            if n_stop == rows.numel():  # every running row answers here
+                labels[rows], exits[rows], macs[rows], logits[rows] = z.argmax(-1), k, spent, z
                 break
-            kept = (~stop).nonzero().squeeze(1)  # the one host sync per exit: how many rows go on
-            if kept.numel() == 0:
-                break
-            if kept.numel() < rows.numel():
-                state, carry, rows = gather_rows(state, kept), gather_rows(carry, kept), rows[kept]
+            if n_stop == 0:
+                continue
+            assert stop is not None
+            idx = stop.nonzero().squeeze(1)
+            done, zd = rows.index_select(0, idx), z.index_select(0, idx)
+            labels[done], exits[done], macs[done], logits[done] = zd.argmax(-1), k, spent, zd
+            kept = (~stop).nonzero().squeeze(1)
+            state, carry, rows = gather_rows(state, kept), gather_rows(carry, kept), rows.index_select(0, kept)
         assert logits is not None
         return Prediction(labels, exits, macs, logits)
 
