@@ -51,16 +51,16 @@ def test_pt2_round_trip_every_net_kind(name: str, tmp_path) -> None:  # type: ig
 
 
 def test_onnx_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    for mod in ("onnx", "onnxscript", "onnxruntime"):  # the optional extra anytrain[onnx]
+        pytest.importorskip(mod)
     _round_trip("own", "onnx", tmp_path)  # a dict state of two tensors per stage
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["branched", "nested-width-depth", "msdnet"])
 def test_onnx_round_trip_every_net_kind(name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    for mod in ("onnx", "onnxscript", "onnxruntime"):  # the optional extra anytrain[onnx]
+        pytest.importorskip(mod)
     _round_trip(name, "onnx", tmp_path)
 
 
