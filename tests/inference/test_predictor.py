@@ -181,3 +181,18 @@ def test_bad_inputs_are_one_line_errors_naming_the_expected_value() -> None:
         with pytest.raises(ValueError, match=match) as e:
             pred.predict(x)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["nested-width-depth", "msdnet", "own"])
+def test_cuda_equals_the_simulation(name: str) -> None:
+    net = NETS[name]().eval().cuda()
+    x = torch.randn(1000, *shape_of(name), device="cuda")
+    logits = reference(net, x)
+    taus = safe_thresholds(logits.softmax(-1).max(-1).values.cpu(), 0.5)
+    p = AnytimePredictor(net, MaxProb(taus)).predict(x)
+    ref = early_exit(logits.softmax(-1).max(-1).values.cpu(), taus)
+    assert p.exits.device.type == "cuda" and p.exits.cpu().tolist() == ref.tolist()
+    assert p.labels.cpu().tolist() == logits.cpu()[ref, torch.arange(1000)].argmax(-1).tolist()
+    q = AnytimePredictor(net, Patience(1)).predict(x)
+    assert q.exits.cpu().tolist() == _patience_exits(logits.argmax(-1).cpu(), 1).tolist()
