@@ -117,11 +117,13 @@ class AnytimePredictor:
         if isinstance(net, nn.Module):
             self.net: StagedNet | None = require_staged(net, "AnytimePredictor")
             self.parts: Parts = EagerParts(self.net)
+            self._module_list = list(self.net.modules())
             p = next(self.net.parameters(), None)
             self.device = p.device if p is not None else torch.device("cpu")
             default_dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         else:
             self.net, self.parts = None, net
+            self._module_list: list[nn.Module] = []
             self.device = torch.device("cpu")
             default_dtype = torch.float32
         self.manifest: dict[str, Any] | None = getattr(self.parts, "manifest", None)  # exported parts only
@@ -178,15 +180,17 @@ class AnytimePredictor:
         return Prediction(*(torch.cat([getattr(p, f) for p in parts]) for f in ("labels", "exits", "macs", "logits")))
 
     def _predict(self, x: Tensor) -> Prediction:
-        was = self.net.training if self.net is not None else False
-        if self.net is not None:
-            self.net.eval()
+        # eval mode for the call, restored after; the module list is walked once, at construction (a walk per
+        # call costs about as much as a small net's forward at batch 1)
+        training = [m for m in self._module_list if m.training]
+        for m in training:
+            m.training = False
         try:
             with torch.inference_mode():
                 return self._loop(x.to(self.device))
         finally:
-            if self.net is not None:
-                self.net.train(was)
+            for m in training:
+                m.training = True
 
     def _loop(self, x: Tensor) -> Prediction:
         policy, K = self.policy, self.parts.num_exits
