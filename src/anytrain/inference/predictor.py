@@ -117,13 +117,13 @@ class AnytimePredictor:
         if isinstance(net, nn.Module):
             self.net: StagedNet | None = require_staged(net, "AnytimePredictor")
             self.parts: Parts = EagerParts(self.net)
-            self._module_list = list(self.net.modules())
+            self._module_list: list[nn.Module] = list(self.net.modules())
             p = next(self.net.parameters(), None)
             self.device = p.device if p is not None else torch.device("cpu")
             default_dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         else:
             self.net, self.parts = None, net
-            self._module_list: list[nn.Module] = []
+            self._module_list = []
             self.device = torch.device("cpu")
             default_dtype = torch.float32
         self.manifest: dict[str, Any] | None = getattr(self.parts, "manifest", None)  # exported parts only
