@@ -1,9 +1,9 @@
 """One-way imports: a module of ``anytrain`` imports only its own layer or lower ones (DESIGN.md).
 
 Layers, lowest first: ``registry``, ``config`` → ``data``, ``nets``, ``optim`` → ``rules``, ``sparsity`` →
-``eval``, ``greedy`` → ``train`` → ``cli``. Every import counts, also one inside a function; only imports under
-``if TYPE_CHECKING:`` (never run) are exempt. The imports are read from the source with ``ast``, so nothing is
-executed.
+``eval``, ``greedy``, ``inference`` → ``train`` → ``cli``. Every import counts, also one inside a function; only
+imports under ``if TYPE_CHECKING:`` (never run) are exempt. The imports are read from the source with ``ast``,
+so nothing is executed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from pathlib import Path
 
 import anytrain
 
-LAYERS = [("registry", "config"), ("data", "nets", "optim"), ("rules", "sparsity"), ("eval", "greedy"), ("train",)]
+LAYERS = [
+    ("registry", "config"),
+    ("data", "nets", "optim"),
+    ("rules", "sparsity"),
+    ("eval", "greedy", "inference"),
+    ("train",),
+]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names} | {"cli": len(LAYERS)}
 ROOT = Path(anytrain.__file__).parent
 

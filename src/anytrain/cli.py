@@ -1,4 +1,4 @@
-"""The ``anytrain`` command: train, eval, plot, list."""
+"""The ``anytrain`` command: train, eval, plot, list, export, predict."""
 
 from __future__ import annotations
 
@@ -267,6 +267,59 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_options(args: argparse.Namespace) -> dict[str, Any]:
+    taus = None
+    if args.thresholds is not None:
+        try:
+            taus = [float(t) for t in args.thresholds.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}") from None
+    return dict(budget=args.budget, deadline=args.deadline, patience=args.patience, policy=args.policy, thresholds=taus)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from anytrain.train.deploy import export_run
+
+    try:
+        out = export_run(args.run, args.out, format=args.format, prune=not args.no_prune, **_policy_options(args))
+    except ValueError as e:
+        return _fail(_first_line(e))
+    print(f"exported {args.run} ({args.format}) to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from anytrain.train.deploy import predictor_for, read_inputs, write_predictions
+
+    out = Path(args.out)
+    if out.exists():
+        return _fail(f"--out {out} already exists; choose a new file name")
+    try:
+        pred, info = predictor_for(args.source, **_policy_options(args))
+        shape = tuple(int(s) for s in info["input_shape"])
+        x, names = read_inputs(args.input, shape, info.get("preprocess"), normalized=args.normalized)
+        p = pred.predict(x, batch_size=args.batch_size)
+    except ValueError as e:
+        return _fail(_first_line(e))
+    write_predictions(out, names, p, info.get("classes"))
+    hist = _histogram(p.exits.tolist(), pred.parts.num_exits)
+    print(f"{len(names)} samples, mean {float(p.macs.double().mean()):,.0f} MACs per sample, exits {hist} -> {out}")
+    return 0
+
+
+def _histogram(values: list[int], n: int) -> list[int]:
+    return [values.count(k) for k in range(n)]
+
+
+def _add_policy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("early-exit policy (one of them; default: the full network)")
+    g.add_argument("--budget", type=float, help="average MACs per sample: thresholds fitted on the validation split")
+    g.add_argument("--deadline", type=float, help="MACs per sample: every sample answers at the deepest exit within")
+    g.add_argument("--patience", type=int, help="stop once this many consecutive exits agree (PABEE)")
+    g.add_argument("--policy", choices=["max-prob", "entropy"], help="confidence for --thresholds (max-prob)")
+    g.add_argument("--thresholds", help="comma-separated confidence thresholds, one per exit but the last")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from anytrain import __version__
 
@@ -307,6 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="write a run's figures (PNG) into its directory")
     pl.add_argument("run")
     pl.set_defaults(fn=cmd_plot)
+    ex = sub.add_parser("export", help="write each stage and exit head as its own program, with a manifest")
+    ex.add_argument("run", help="a run directory")
+    ex.add_argument("--format", choices=["pt2", "onnx"], default="pt2", help="torch.export (pt2) or ONNX")
+    ex.add_argument("--out", required=True, help="export folder to create")
+    ex.add_argument("--no-prune", action="store_true", help="an SLBI run: export W without pruning to W*")
+    _add_policy_options(ex)
+    ex.set_defaults(fn=cmd_export)
+    pr = sub.add_parser("predict", help="early-exit predictions for a .npy array or an image folder, as CSV")
+    pr.add_argument("source", help="a run directory or an export folder")
+    pr.add_argument("--input", required=True, help=".npy array (N, *input_shape) or a folder of images")
+    pr.add_argument("--out", required=True, help="CSV file to write (sample, label, [class,] exit, macs)")
+    pr.add_argument("--normalized", action="store_true", help="the inputs are already normalised like the data set")
+    pr.add_argument("--batch-size", type=int, default=1024, help="samples per batch (default 1024)")
+    _add_policy_options(pr)
+    pr.set_defaults(fn=cmd_predict)
     ls = sub.add_parser("list", help="list models, rules, optimizers, data sets, schedules")
     ls.add_argument("what", nargs="?", choices=["models", "rules", "optimizers", "datasets", "schedules"])
     ls.set_defaults(fn=cmd_list)

@@ -241,7 +241,8 @@ def test_nu_infinite_equals_sgd_exactly_and_large_nu_is_close(nesterov: bool) ->
 def test_state_dict_round_trip_is_exact() -> None:
     x, y = _toy_batch()
     net = _toy_net()
-    opt = SLBI(slbi_param_groups(net), lr=0.1, kappa=1.0, mu=2.0, weight_decay=1e-4)
+    # heads=True: the output layer 3 is sparsified too (lasso), so both penalty kinds round-trip
+    opt = SLBI(slbi_param_groups(net, heads=True), lr=0.1, kappa=1.0, mu=2.0, weight_decay=1e-4)
 
     def run(n: nn.Module, o: torch.optim.Optimizer, steps: int) -> None:
         for _ in range(steps):
@@ -252,7 +253,7 @@ def test_state_dict_round_trip_is_exact() -> None:
     run(net, opt, 60)
     blob = copy.deepcopy(opt.state_dict())
     net2 = copy.deepcopy(net)
-    opt2 = SLBI(slbi_param_groups(net2), lr=0.5, kappa=1.0, nu=3.0)  # other values: must be overwritten
+    opt2 = SLBI(slbi_param_groups(net2, heads=True), lr=0.5, kappa=1.0, nu=3.0)  # other values: must be overwritten
     opt2.load_state_dict(blob)
     assert opt2.param_groups[0]["nu"] == 2.0 and opt2.param_groups[1]["names"] == ["3.weight"]
     run(net, opt, 40)

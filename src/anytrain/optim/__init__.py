@@ -67,10 +67,22 @@ def _slbi(
     linear: str = "lasso",
     group_by: str = "out",
     heads: bool = False,
+    example_inputs: torch.Tensor | None = None,
+    output_layers: list[str] | None = None,
     **kw: Any,
 ) -> torch.optim.Optimizer:
     # trunk conv weights: group lasso per filter; trunk linear weights: lasso; heads, biases, norms: plain step
-    groups = slbi_param_groups(net, params, conv=conv, linear=linear, group_by=group_by, heads=heads)
+    # (on a plain module the heads are its output layers, see slbi_param_groups)
+    groups = slbi_param_groups(
+        net,
+        params,
+        conv=conv,
+        linear=linear,
+        group_by=group_by,
+        heads=heads,
+        example_inputs=example_inputs,
+        output_layers=output_layers,
+    )
     return SLBI(groups, lr=lr, **kw)
 
 

@@ -30,6 +30,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from anytrain.nets import outputs
+
 # State keys (module constants so tools reading checkpoints agree with the optimizer).
 MOMENTUM_BUFFER = "momentum_buffer"
 Z = "z"
@@ -478,21 +480,33 @@ def slbi_param_groups(
     linear: str = "lasso",
     group_by: str = "out",
     heads: bool = False,
+    example_inputs: Tensor | None = None,
+    output_layers: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`SLBI` from a network: sparsified trunk conv/linear weights vs. the rest.
 
     ``conv``/``linear``: penalty of conv / linear weights (``"group"``, ``"lasso"`` or ``"none"``).
-    ``group_by``: ``"out"`` (per output filter/neuron) or ``"in"`` (per input channel). Exit heads of a
-    :class:`~anytrain.nets.StagedNet` (``net.exits``), biases and norm layers are not sparsified unless
-    ``heads=True`` (heads are then treated like the trunk)."""
+    ``group_by``: ``"out"`` (per output filter/neuron) or ``"in"`` (per input channel). Biases, norm layers and
+    the exit heads are not sparsified unless ``heads=True`` (heads are then treated like the trunk), so no
+    output unit of an exit is ever on the path. The heads are: ``net.exits`` on a
+    :class:`~anytrain.nets.StagedNet` (whole heads); on any other module, its *output layers* — the conv/linear
+    layers whose result reaches an output of the model without passing through another one
+    (:func:`anytrain.nets.outputs.output_layers`), found on ``example_inputs`` when given, else by tracing the
+    model with ``torch.fx``; or the layers named in ``output_layers``. A model that cannot be traced without an
+    input is a one-line ``ValueError`` asking for one of these."""
     for what, v in (("conv", conv), ("linear", linear)):
         if v not in ("group", "lasso", "none"):
             raise ValueError(f"SLBI: {what} penalty must be group, lasso or none, got {v!r}")
     owned = {id(p) for p in (params if params is not None else net.parameters())}
     head_modules: set[int] = set()
     exits: Any = getattr(net, "exits", None)
-    if not heads and isinstance(exits, nn.ModuleList):
-        head_modules = {id(m) for h in exits for m in h.modules()}
+    if not heads:
+        if output_layers is not None:
+            head_modules = {id(m) for m in outputs.output_layers_by_name(net, output_layers)}
+        elif isinstance(exits, nn.ModuleList):
+            head_modules = {id(m) for h in exits for m in h.modules()}
+        else:
+            head_modules = {id(m) for m in outputs.output_layers(net, example_inputs)}
     sparse: dict[str, list[Any]] = {"group": [], "lasso": []}
     sparse_names: dict[str, list[str]] = {"group": [], "lasso": []}
     seen: set[int] = set()

@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from anytrain.nets.outputs import output_layers
 
 LayerTypes = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -102,16 +105,42 @@ class PruningPlan:
         return self.removed / max(self.total, 1)
 
 
-def _heads_final_layers(model: nn.Module) -> list[nn.Module]:
-    """Layers whose outputs are logits: the last conv/linear of each exit head (or of the model)."""
+def _heads_final_layers(model: nn.Module, example_inputs: Tensor) -> list[nn.Module]:
+    """Layers whose outputs are logits, never pruned: the output layers of the model (each conv/linear layer
+    whose result reaches an output without passing through another; :func:`anytrain.nets.outputs.output_layers`),
+    plus the last conv/linear of each exit head of a staged net."""
+    out = output_layers(model, example_inputs)
     exits = getattr(model, "exits", None)
-    heads = list(exits) if isinstance(exits, nn.ModuleList) else [model]
-    out: list[nn.Module] = []
-    for h in heads:
+    for h in exits if isinstance(exits, nn.ModuleList) else []:
         layers = [m for m in h.modules() if isinstance(m, LayerTypes)]
-        if layers:
+        if layers and all(layers[-1] is not m for m in out):
             out.append(layers[-1])
     return out
+
+
+def _output_shapes(model: nn.Module, x: Tensor) -> list[tuple[int, ...]]:
+    with torch.no_grad():
+        return [tuple(t.shape) for t in tree_flatten(model(x))[0] if isinstance(t, Tensor)]
+
+
+def check_output_shapes(model: nn.Module, pruned: nn.Module, example_inputs: Tensor) -> None:
+    """A one-line ``ValueError`` when ``pruned`` answers with other output shapes than ``model`` (an exit that
+    lost classes is a silent wrong result)."""
+    was = model.training
+    model.eval()
+    try:
+        before = _output_shapes(model, example_inputs)
+    finally:
+        model.train(was)
+    after = _output_shapes(pruned.eval(), example_inputs)
+    if len(before) != len(after):
+        raise ValueError(f"pruning would change the number of outputs from {len(before)} to {len(after)}: refused")
+    for i, (a, b) in enumerate(zip(before, after)):
+        if a != b:
+            raise ValueError(
+                f"pruning would change output {i} (exit {i}) from shape {list(a)} to {list(b)}: refused; keep the "
+                "layers that produce outputs out of the plan (SLBI does so by default)"
+            )
 
 
 def build_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
@@ -156,7 +185,8 @@ def zero_channel_plan(model: nn.Module, example_inputs: Tensor, dg: tp.Dependenc
     dg = dg or build_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     plan = PruningPlan()
-    for group in dg.get_all_groups(ignored_layers=_heads_final_layers(model), root_module_types=LayerTypes):
+    ignored = _heads_final_layers(model, example_inputs)
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=LayerTypes):
         root = group[0].dep.target.module
         n_root = len(group[0].idxs)
         prod_zero = torch.ones(n_root, dtype=torch.bool)
@@ -313,6 +343,7 @@ def apply_plan(
             if m.groups != 1:
                 raise ValueError("cannot compensate removed inputs of a grouped convolution")
             _set_module(out, names[m], ConstantInputShift(m, w, const))
+    check_output_shapes(model, out, example_inputs)
     return out
 
 
@@ -333,7 +364,9 @@ def export_pruned(
 
     Raises:
         ValueError: up front, naming the layer, when ``model`` holds a layer the exact export does not support
-            (LayerNorm, GroupNorm, attention, ...; see :func:`check_exportable`).
+            (LayerNorm, GroupNorm, attention, ...; see :func:`check_exportable`); and, one line, when the pruned
+            model would answer with another output shape than ``model`` (an exit losing classes). The layers
+            that produce the outputs are never pruned by the zero-channel plan.
     """
     if compensate:
         check_exportable(model)
@@ -384,6 +417,7 @@ __all__ = [
     "apply_plan",
     "build_graph",
     "check_exportable",
+    "check_output_shapes",
     "count_macs",
     "count_params",
     "cpu_latency",

@@ -19,7 +19,9 @@ def _group_scores(model: nn.Module, example_inputs: Tensor) -> dict[str, Tensor]
     dg = build_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     out: dict[str, Tensor] = {}
-    for group in dg.get_all_groups(ignored_layers=_heads_final_layers(model), root_module_types=LayerTypes):
+    for group in dg.get_all_groups(
+        ignored_layers=_heads_final_layers(model, example_inputs), root_module_types=LayerTypes
+    ):
         n_root = len(group[0].idxs)
         score = torch.zeros(n_root)
         for dep, idxs in group:
