@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from anytrain.nets.attach import AttachedNet, TokenHead, attach_exits
 from anytrain.nets.flops import macs_of
 from anytrain.nets.staged import StagedNet, check_exits, detach_state, require_staged
 from anytrain.registry import Registry
@@ -30,6 +31,22 @@ def _load_builders() -> None:
                 raise
 
 
-_BUILDER_MODULES = ["anytrain.nets.branched", "anytrain.nets.nested", "anytrain.nets.msdnet"]
+_BUILDER_MODULES = [
+    "anytrain.nets.branched",
+    "anytrain.nets.nested",
+    "anytrain.nets.msdnet",
+    "anytrain.nets.backbones",
+]
 
-__all__ = ["MODELS", "StagedNet", "build_model", "check_exits", "detach_state", "macs_of", "require_staged"]
+__all__ = [
+    "MODELS",
+    "AttachedNet",
+    "StagedNet",
+    "TokenHead",
+    "attach_exits",
+    "build_model",
+    "check_exits",
+    "detach_state",
+    "macs_of",
+    "require_staged",
+]
