@@ -135,6 +135,11 @@ class ModelConfig(NamedSection):
     key = "model"
     width: int | None = _checked(int, 0, lo_in=False, default=None)
     exits: int | None = _checked(int, 0, lo_in=False, default=None)
+    weights: str | None = _checked(str, default=None)  # a state dict to start from (.pt or .safetensors)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The builder's keywords (``weights`` is loaded by the trainer, not passed to the builder)."""
+        return {k: v for k, v in super().kwargs().items() if k != "weights"}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -189,6 +194,7 @@ class TrainConfig(Section):
     tensorboard: bool = _checked(bool, default=True)
     plots: bool = _checked(bool, default=True)
     label_smoothing: float = _checked(float, 0, 1, default=0.0)
+    freeze: str = _checked(str, default="none")  # none | trunk | a glob over parameter names
 
 
 _SECTIONS: dict[str, type[Section]] = {
