@@ -108,8 +108,9 @@ class _Step:
 class GraphStage(nn.Module):
     """One stage of an attached net: runs its slice of the exported graph on the state tuple.
 
-    ``params`` lists the model's parameters this stage uses (the same objects, for the stage partition that DGL,
-    SGL and the trunk/head split read); they are left out of the state dict (``backbone.*`` holds them)."""
+    ``mods`` lists the leaf modules this stage calls and ``params`` the model's parameters its graph operations
+    use directly (the same objects: the stage partition that DGL, SGL and the trunk/head split read, and the
+    layers whose hooks fire). Both are left out of the state dict (``backbone.*`` holds them)."""
 
     def __init__(
         self,
@@ -119,9 +120,11 @@ class GraphStage(nn.Module):
         lifted: list[tuple[nn.Module, str]],
         constants: list[Tensor],
         params: list[nn.Parameter],
+        mods: list[nn.Module],
         first: bool,
     ) -> None:
         super().__init__()
+        self.mods = nn.ModuleList(mods)
         self.params = nn.ParameterList(params)
         for i, c in enumerate(constants):
             self.register_buffer(f"const{i}", c, persistent=False)
@@ -159,12 +162,12 @@ class GraphStage(nn.Module):
 
 
 def _drop_params(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for k in [k for k in state_dict if k.startswith(prefix + "params.")]:
+    for k in [k for k in state_dict if k.startswith((prefix + "params.", prefix + "mods."))]:
         del state_dict[k]
 
 
 def _forgive_params(module: nn.Module, incompatible: Any) -> None:
-    own = [k for k in incompatible.missing_keys if ".params." in k or k.startswith("params.")]
+    own = [k for k in incompatible.missing_keys if any(t in "." + k for t in (".params.", ".mods."))]
     for k in own:
         incompatible.missing_keys.remove(k)
 
@@ -493,6 +496,7 @@ def _build_stage(
     const_list: list[Tensor] = []
     const_names: list[str] = []
     params: dict[int, nn.Parameter] = {}
+    mods: dict[int, nn.Module] = {}
     steps: list[_Step] = []
     in_seg = set(seg)
     skip: set[Node] = set()
@@ -504,8 +508,7 @@ def _build_stage(
             run = [n for n in seg[i0 : i1 + 1]]
             leaf_at[last] = (mod, inp)
             skip.update(n for n in run if n is not last)
-            for p in mod.parameters():
-                params[id(p)] = p
+            mods[id(mod)] = mod
 
     def ref(a: Node) -> Any:
         if a in slot:
@@ -552,7 +555,9 @@ def _build_stage(
     fixed: list[_Step] = []
     for s in steps:
         fixed.append(_Step(s.fn, _fix_consts(s.args, len(lifted)), _fix_consts(s.kwargs, len(lifted)), s.module))
-    return GraphStage(fixed, len(ins), outputs, lifted, const_list, list(params.values()), first)
+    in_mods = {id(p) for m in mods.values() for p in m.parameters()}
+    functional = [p for p in params.values() if id(p) not in in_mods]
+    return GraphStage(fixed, len(ins), outputs, lifted, const_list, functional, list(mods.values()), first)
 
 
 def _fix_consts(a: Any, n_lifted: int) -> Any:
