@@ -390,8 +390,19 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         if isinstance(a, dict) and isinstance(b, dict):
             out += resume_changes(a, b, f"{prefix}{k}.")
         elif (k not in old or k not in new or a != b or type(a) is not type(b)) and prefix + k not in RESUME_SETTINGS:
+            if k not in old and _is_default(f"{prefix}{k}", b):
+                continue  # a key added after the run was written, at its default: the run is unchanged
             out.append(f"{prefix}{k}")
     return out
+
+
+def _is_default(dotted: str, value: Any) -> bool:
+    node: Any = RunConfig().to_dict()
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(node == value and type(node) is type(value))
 
 
 _PLAIN = (str, int, float, bool, type(None))
