@@ -137,3 +137,20 @@ def test_model_name_package_function(tmp_path) -> None:
     sys.modules[__name__].not_staged = lambda in_shape, num_classes: nn.Linear(2, 2)  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="not a StagedNet"):
         build_model(f"{__name__}:not_staged", in_shape=(1, 12, 12), num_classes=4)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["train.freeze=nothing.*", "model.weights=/nonexistent/w.pt", "model.at=[layer9]", "model.at=[layer3,layer1]"],
+)
+def test_cli_bad_backbone_input_exits_2_and_writes_nothing(tmp_path, capsys, bad) -> None:
+    from anytrain.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out)]
+    for s in [*FAST, bad]:
+        args += ["--set", s]
+    assert main(args) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err
