@@ -135,6 +135,11 @@ class ModelConfig(NamedSection):
     key = "model"
     width: int | None = _checked(int, 0, lo_in=False, default=None)
     exits: int | None = _checked(int, 0, lo_in=False, default=None)
+    weights: str | None = _checked(str, default=None)  # a state dict to start from (.pt or .safetensors)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The builder's keywords (``weights`` is loaded by the trainer, not passed to the builder)."""
+        return {k: v for k, v in super().kwargs().items() if k != "weights"}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -189,6 +194,7 @@ class TrainConfig(Section):
     tensorboard: bool = _checked(bool, default=True)
     plots: bool = _checked(bool, default=True)
     label_smoothing: float = _checked(float, 0, 1, default=0.0)
+    freeze: str = _checked(str, default="none")  # none | trunk | a glob over parameter names
 
 
 _SECTIONS: dict[str, type[Section]] = {
@@ -384,8 +390,19 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         if isinstance(a, dict) and isinstance(b, dict):
             out += resume_changes(a, b, f"{prefix}{k}.")
         elif (k not in old or k not in new or a != b or type(a) is not type(b)) and prefix + k not in RESUME_SETTINGS:
+            if k not in old and _is_default(f"{prefix}{k}", b):
+                continue  # a key added after the run was written, at its default: the run is unchanged
             out.append(f"{prefix}{k}")
     return out
+
+
+def _is_default(dotted: str, value: Any) -> bool:
+    node: Any = RunConfig().to_dict()
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(node == value and type(node) is type(value))
 
 
 _PLAIN = (str, int, float, bool, type(None))

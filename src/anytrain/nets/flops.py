@@ -10,16 +10,31 @@ code (nested networks slicing weights) is counted the same way as ``nn.Conv2d``/
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-if TYPE_CHECKING:
-    from anytrain.nets.staged import StagedNet
+
+class Staged(Protocol):
+    """What the counter needs of a staged net (``anytrain.nets.StagedNet`` has it; no import of it here)."""
+
+    stages: nn.ModuleList
+    exits: nn.ModuleList
+    training: bool
+
+    @property
+    def num_exits(self) -> int: ...
+
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
-def staged_macs(net: StagedNet, input_shape: Sequence[int]) -> tuple[list[int], list[int]]:
+def staged_macs(net: Staged, input_shape: Sequence[int]) -> tuple[list[int], list[int]]:
     was_training = net.training
     net.eval()
     try:

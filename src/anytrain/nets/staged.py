@@ -56,6 +56,17 @@ class StagedNet(nn.Module):
     def num_exits(self) -> int:
         return len(self.stages)
 
+    def keep_eval(self, modules: Sequence[nn.Module]) -> None:
+        """Keep ``modules`` (frozen BatchNorm layers, say) in eval mode whatever ``train()`` is called with."""
+        self.__dict__["_kept_eval"] = list(modules)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> StagedNet:
+        super().train(mode)
+        for m in self.__dict__.get("_kept_eval", ()):
+            m.eval()
+        return self
+
     def _check_upto(self, upto: int | None) -> int:
         last = self.num_exits - 1
         if upto is None:

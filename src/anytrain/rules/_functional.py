@@ -36,7 +36,11 @@ def backward(
         losses: ``K`` scalar tensors, earliest exit (highest priority) first.
         rule: a registered name (``"osgd"``, ``"joint"``, ``"adaloss"``, ``"torchjd:UPGrad"``, …), a rule object
             (it may keep state across calls, e.g. AdaLoss's running averages) or a TorchJD aggregator object.
-        shared: the leaf tensors the rule combines across exits; each must be reached by some loss.
+        shared: the leaf tensors the rule combines across exits; each must be reached by some loss. Pass the
+            trunk only (``net.trunk_parameters()``): an exit head's parameters inside ``shared`` are not refused
+            (the graph cannot tell them from the last stage's trunk, which also only one loss reaches) but they
+            enter the combination — for ``osgd`` they lengthen ``g_k``, so later exits' projections on it shrink —
+            which is not the rule as published; ``joint`` is unaffected.
         reduce: data parallelism: a function that averages a flat tensor over the ranks in place and returns it
             (``anytrain.train.distributed.average_``). The per-exit gradients are averaged before a non-linear
             rule combines them; everything this call adds to ``.grad`` is then the rank average.
@@ -45,7 +49,8 @@ def backward(
         The rule's statistics (tensors on the losses' device; no host synchronisation).
 
     Raises:
-        ValueError: a non-scalar loss, an empty ``shared``, a ``shared`` tensor that is not a leaf requiring grad
+        ValueError: a single loss instead of a list, a non-scalar loss, an empty ``shared``, a ``shared`` tensor
+            that is not a leaf requiring grad
             or that no loss reaches, a rule that needs its own forward pass (amortized OSGD), or a training procedure
             (DGL, SGL: ``anytrain.greedy``).
 
@@ -79,6 +84,11 @@ def backward(
     reason = rule.needs_forward()
     if reason is not None:
         raise ValueError(f"rule {rule.name!r} cannot work from losses alone: {reason}")
+    if isinstance(losses, Tensor) and losses.dim() == 0:
+        raise ValueError(
+            "backward takes one loss per exit (a list of K scalar tensors, earliest first), got one scalar; "
+            "for a single summed loss call loss.backward()"
+        )
     losses = list(losses)
     scalar_losses(losses)
     if isinstance(shared, Tensor):

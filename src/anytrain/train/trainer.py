@@ -55,6 +55,7 @@ from anytrain.eval.anytime import (
 )
 from anytrain.greedy import GreedyProcedure, ModuleOptimizers, build_module_optimizers
 from anytrain.nets import StagedNet, build_model
+from anytrain.nets.weights import freeze, load_weights
 from anytrain.optim import build_optimizer
 from anytrain.registry import ConfigError, as_config_error
 from anytrain.rules import GradientRule, build_rule
@@ -129,16 +130,32 @@ def optimizer_for(
     return factory(net, [p for p in net.parameters() if p.requires_grad])
 
 
+def prepare_net(cfg: RunConfig, net: StagedNet) -> StagedNet:
+    """Apply ``model.weights`` and ``train.freeze`` to ``net`` (one-line ``ConfigError`` on bad input)."""
+    if not isinstance(net, StagedNet):
+        raise ConfigError(f"net must be an anytrain.nets.StagedNet, got {type(net).__name__}")
+    if cfg.model.weights:
+        with as_config_error("model.weights"):
+            load_weights(net, cfg.model.weights)
+    with as_config_error("train.freeze"):
+        freeze(net, cfg.train.freeze)
+    return net
+
+
 def build_components(
-    cfg: RunConfig, device: torch.device | None = None, data: DataBundle | StreamingData | None = None
+    cfg: RunConfig,
+    device: torch.device | None = None,
+    data: DataBundle | StreamingData | None = None,
+    net: StagedNet | None = None,
 ) -> dict[str, Any]:
     """Everything a run needs, built from a validated config. Raises ``ConfigError`` on bad input, before
     anything is written anywhere. ``data`` (for example ``anytrain.data.from_datasets(...)``) replaces the
-    data set the config names; the config's other ``data`` keys (batch sizes, augment) still apply."""
+    data set the config names; the config's other ``data`` keys (batch sizes, augment) still apply. ``net``
+    (your own ``StagedNet``) replaces the model the config names; ``model.weights`` and ``train.freeze`` apply."""
     device = device or resolve_device(cfg.train.device)
     data = data_from_config(cfg) if data is None else data
     torch.manual_seed(cfg.seed)
-    net = model_from_config(cfg, data)
+    net = prepare_net(cfg, model_from_config(cfg, data) if net is None else net)
     net.to(device)
     with as_config_error(f"rule {cfg.rule.name!r}"):
         rule = build_rule(cfg.rule.name, **cfg.rule.kwargs())
@@ -181,7 +198,12 @@ def make_train_loader(
 
 
 class Trainer:
-    """Trains one config into one run directory. See the module docstring for the files it writes."""
+    """Trains one config into one run directory. See the module docstring for the files it writes.
+
+    ``net``: your own :class:`StagedNet` (``StagedNet(stages, exits)`` or ``attach_exits(model, ...)``) trained in
+    place of the model ``cfg.model`` names; ``model.weights`` and ``train.freeze`` still apply to it. To resume
+    such a run, build the same net again and pass it with ``resume=True`` (the command line can resume it only
+    when ``model.name`` builds it: ``package.module:function``)."""
 
     def __init__(
         self,
@@ -192,6 +214,7 @@ class Trainer:
         replace: bool = False,
         components: dict[str, Any] | None = None,
         data: DataBundle | StreamingData | None = None,
+        net: StagedNet | None = None,
     ) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
@@ -202,7 +225,8 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        c = components or build_components(cfg, data=data)
+        # ``net``: your own StagedNet instead of the config's model (pass the same net again to resume)
+        c = components or build_components(cfg, data=data, net=net)
         self.device: torch.device = c["device"]
         self.data: DataBundle | StreamingData = c["data"]
         self.net: StagedNet = c["net"]
