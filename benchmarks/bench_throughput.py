@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -385,18 +386,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--groups", nargs="+", default=["plain", "joint", "rules", "optimizers", "precision"], metavar="G",
         help=f"{', '.join(GROUPS)} (every rule and optimizer on the default net; OSGD on every net)",
     )  # fmt: skip
+    ap.add_argument("--labels", nargs="+", default=None, metavar="ROW", help="only the rows with these labels")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per row (after as many warm-up steps)")
+    ap.add_argument("--repeats", type=int, default=1, help="measure every row this many times, round robin (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--force", action="store_true", help="re-run rows already in OUT/throughput.json")
     a = ap.parse_args(argv)
-    if a.steps < 1 or a.threads < 1:
-        ap.error("--steps and --threads must be at least 1")
+    if a.steps < 1 or a.threads < 1 or a.repeats < 1:
+        ap.error("--steps, --threads and --repeats must be at least 1")
     try:
         plan_rows(a.sections, a.nets, a.groups)
     except ValueError as e:
         ap.error(str(e))
     return a
+
+
+def merge_repeat(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A row measured again: images/s (and what follows from it) become the median over every repetition
+    (``samples``); the load is the mean."""
+    if old.get("status") != "ok" or new.get("status") != "ok" or "images_per_s" not in new:
+        return {**new, "samples": [new["images_per_s"]]} if "images_per_s" in new else new
+    samples = [*old.get("samples", [old["images_per_s"]]), new["images_per_s"]]
+    ips = statistics.median(samples)
+    images = new["steps"] * new["batch"]
+    loads = old.get("load", new["load"]) * (len(samples) - 1) + new["load"]
+    return {
+        **new,
+        "samples": samples,
+        "images_per_s": ips,
+        "seconds": images / ips,
+        "train_macs_per_s": 3 * new["forward_macs"] * ips,
+        "load": loads / len(samples),
+    }
 
 
 def run(a: argparse.Namespace, rows: list[Row] | None = None, deadline: float | None = None) -> dict[str, Any]:
@@ -413,25 +435,33 @@ def run(a: argparse.Namespace, rows: list[Row] | None = None, deadline: float | 
         threads=a.threads,
     )
     last_net = None
-    for row in rows if rows is not None else plan_rows(a.sections, a.nets, a.groups):
-        if row.key in state["rows"] and not a.force and state["rows"][row.key].get("status") == "ok":
-            continue
-        if deadline is not None and time.perf_counter() > deadline:
-            state["rows"][row.key] = {"status": "not run (time budget)"}
-            continue
-        if row.net != last_net or not state["peaks"]:
-            state["peaks"].append(matmul_peak(device))
-            last_net = row.net
-        with tempfile.TemporaryDirectory(dir=a.out) as work:
-            try:
-                r = measure(row, a.steps, device, a.threads, Path(work))
-            except Exception as e:  # a row that fails is reported, the others still run
-                r = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
-        r["load"] = os.getloadavg()[0]
-        state["rows"][row.key] = r
-        shown = f"{r['images_per_s']:.0f} images/s" if "images_per_s" in r else r.get("status")
-        print(f"{row.key:60s} {shown}", flush=True)
-        write_report(a.out, state)
+    if rows is None:
+        rows = [r for r in plan_rows(a.sections, a.nets, a.groups) if not a.labels or r.label in a.labels]
+    if a.force:
+        for row in rows:
+            state["rows"].pop(row.key, None)
+    for rep in range(a.repeats):  # round robin: load that drifts hits every row alike
+        for row in rows:
+            old = state["rows"].get(row.key, {})
+            if old.get("status") == "ok" and len(old.get("samples", [0.0])) > rep:
+                continue
+            if deadline is not None and time.perf_counter() > deadline:
+                state["rows"].setdefault(row.key, {"status": "not run (time budget)"})
+                continue
+            if row.net != last_net or not state["peaks"]:
+                state["peaks"].append(matmul_peak(device))
+                last_net = row.net
+            with tempfile.TemporaryDirectory(dir=a.out) as work:
+                try:
+                    r = measure(row, a.steps, device, a.threads, Path(work))
+                except Exception as e:  # a row that fails is reported, the others still run
+                    r = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+            r["load"] = os.getloadavg()[0]
+            state["rows"][row.key] = merge_repeat(old, r)
+            r = state["rows"][row.key]
+            shown = f"{r['images_per_s']:.0f} images/s" if "images_per_s" in r else r.get("status")
+            print(f"{row.key:60s} {shown}", flush=True)
+            write_report(a.out, state)
     write_report(a.out, state)
     return state
 

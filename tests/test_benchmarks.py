@@ -125,3 +125,24 @@ def test_cuda_script_without_a_device_says_so_and_writes_nothing(tmp_path, capsy
     assert bc.main(["--out", str(tmp_path / "cuda")]) == 0
     assert "no CUDA device available" in capsys.readouterr().out
     assert not (tmp_path / "cuda").exists()
+
+
+def test_repeats_run_round_robin_and_keep_the_median(tmp_path):
+    a = bt.parse_args(["--out", str(tmp_path), "--threads", "1", "--steps", "1", "--repeats", "2"])
+    rows = [bt.Row("fashion", "tiny", "joint", "trainer", TINY + ["rule.name=joint"])]
+    state = bt.run(a, rows=rows)
+    r = state["rows"]["fashion/tiny/joint"]
+    assert len(r["samples"]) == 2 and r["images_per_s"] == pytest.approx(sum(r["samples"]) / 2)
+    assert r["seconds"] == pytest.approx(r["steps"] * 16 / r["images_per_s"])
+    assert (tmp_path / "throughput.md").is_file()
+    again = bt.run(a, rows=rows)  # everything is there: nothing runs again
+    assert again["rows"]["fashion/tiny/joint"]["samples"] == r["samples"]
+
+
+def test_merge_repeat_median_of_three():
+    base = {"status": "ok", "steps": 2, "batch": 10, "forward_macs": 100, "load": 1.0}
+    r = bt.merge_repeat({}, {**base, "images_per_s": 30.0})
+    r = bt.merge_repeat(r, {**base, "images_per_s": 10.0, "load": 3.0})
+    r = bt.merge_repeat(r, {**base, "images_per_s": 20.0, "load": 2.0})
+    assert r["samples"] == [30.0, 10.0, 20.0] and r["images_per_s"] == 20.0
+    assert r["train_macs_per_s"] == 3 * 100 * 20.0 and r["seconds"] == 1.0 and r["load"] == pytest.approx(2.0)
