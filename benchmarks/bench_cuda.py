@@ -61,12 +61,12 @@ def sync_rows(keys: set[str]) -> list[tuple[str, list[str]]]:
     return rows
 
 
-def sync_check(overrides: list[str], steps: int = 3) -> str:
+def sync_check(overrides: list[str], steps: int = 3, device: str = "cuda") -> str:
     """``ok``, or the first line of the error a training step raised under sync-debug mode ``error``."""
     from anytrain.config import load_config
     from anytrain.train import Trainer
 
-    cfg = load_config(None, [*bt.QUIET, "train.device=cuda", *overrides])
+    cfg = load_config(None, [*bt.QUIET, f"train.device={device}", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp)
         tr.rule.on_epoch_start(0, tr.epochs)

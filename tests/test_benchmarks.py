@@ -146,3 +146,24 @@ def test_merge_repeat_median_of_three():
     r = bt.merge_repeat(r, {**base, "images_per_s": 20.0, "load": 2.0})
     assert r["samples"] == [30.0, 10.0, 20.0] and r["images_per_s"] == 20.0
     assert r["train_macs_per_s"] == 3 * 100 * 20.0 and r["seconds"] == 1.0 and r["load"] == pytest.approx(2.0)
+
+
+def test_sync_check_runs_real_steps_and_reports_a_synchronising_one(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    tiny = [*TINY, "train.epochs=1"]
+    assert bc.sync_check([*tiny, "rule.name=osgd"], steps=2, device="cpu") == "ok"
+    assert modes == ["error", 0]  # on, then off again
+
+    from anytrain.train import Trainer
+
+    plain_step = Trainer.train_step
+
+    def syncing_step(self, x, y):
+        if modes[-1] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation\nmore")
+        return plain_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", syncing_step)
+    assert bc.sync_check(tiny, device="cpu") == "sync: called a synchronizing CUDA operation"
