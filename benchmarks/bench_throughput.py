@@ -329,10 +329,11 @@ def build_table(results: dict[str, dict[str, Any]], peak: float) -> str:
             )
             continue
         joint = results.get(f"{section}/{net}/joint", {})
-        ratio = joint["images_per_s"] / r["images_per_s"] if joint.get("images_per_s") else math.nan
+        same = joint.get("images_per_s") and joint.get("batch") == r["batch"] and "epoch" not in label
+        ratio = f"{joint['images_per_s'] / r['images_per_s']:.2f}" if same else "–"
         lines.append(
             f"| {section} | {net} | {label} | {r['batch']} | {r['images_per_s']:.0f} | "
-            f"{r['train_macs_per_s'] / 1e9:.2f} G | {r['train_macs_per_s'] / peak:.0%} | {ratio:.2f} | "
+            f"{r['train_macs_per_s'] / 1e9:.2f} G | {r['train_macs_per_s'] / peak:.0%} | {ratio} | "
             f"{r.get('load', 0):.1f} |"
         )
     lines += ["", "| target | measured | |", "|---|---|---|"]
