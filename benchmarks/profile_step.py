@@ -79,6 +79,39 @@ def profile_case(overrides: list[str], rule: str, steps: int, top: int) -> tuple
     return {k: 1000 * statistics.median(v) for k, v in phases.items()}, table, int(sum(stage) + sum(head))
 
 
+def interleaved(overrides: list[str], rules: dict[str, list[str]], reps: int) -> dict[str, float]:
+    """Mean ms per training step of each rule on one net, the rules stepping round robin (a drifting load hits
+    all alike); ``reps`` a multiple of 4 so amortized OSGD's refresh steps come in their true proportion."""
+    from anytrain.config import load_config
+    from anytrain.train.trainer import build_components
+
+    steps = {}
+    for name, o in rules.items():
+        cfg = load_config(None, [*overrides, *o, "train.device=cpu"])
+        c = build_components(cfg)
+        net, r, opt, data = c["net"], c["rule"], c["optimizer"], c["data"]
+        net.train()
+        x, y = data.x_train[: cfg.data.batch_size], data.y_train[: cfg.data.batch_size]
+
+        def step(net=net, r=r, opt=opt, x=x, y=y) -> None:
+            opt.zero_grad(set_to_none=True)
+            r.backward(net, [F.cross_entropy(z, y) for z in r.forward(net, x)])
+            opt.step()
+
+        steps[name] = step
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(reps + 4):
+        for k, f in steps.items():
+            t = time.perf_counter()
+            f()
+            if i >= 4:
+                times[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.mean(v) for k, v in times.items()}
+
+
+RATIO_RULES = {"joint": ["rule.name=joint"], "osgd": ["rule.name=osgd"], "osgd amortize=4": ["rule.amortize=4"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Path(tempfile.gettempdir()) / "anytrain-profile"
@@ -88,17 +121,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--ratios",
+        type=int,
+        default=0,
+        metavar="REPS",
+        help="instead of the profile: OSGD against joint, round robin, REPS steps each",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     md = [f"# Step profile (threads {a.threads}, load at start {os.getloadavg()[0]:.1f})", ""]
     for case in a.cases:
-        for rule in a.rules:
+        for rule in a.rules if not a.ratios else []:
             ph, table, macs = profile_case(CASES[case], rule, a.steps, a.top)
             total = sum(ph.values())
             line = ", ".join(f"{k} {v:.1f} ms" for k, v in ph.items())
             md += [f"## {case}, {rule}: {total:.1f} ms per step ({line}); forward {macs} MACs per sample", ""]
             md += ["```", table.strip(), "```", ""]
             print(f"{case:28s} {rule:6s} {total:7.1f} ms  ({line})", flush=True)
+    if a.ratios:
+        md += ["## OSGD against joint, round robin", "", "| net | joint ms | osgd ms (×) | amortized K=4 ms (×) |"]
+        md.append("|---|---|---|---|")
+        for case in a.cases:
+            rules = {k: ["rule.name=osgd", *v] if k != "joint" else v for k, v in RATIO_RULES.items()}
+            t = interleaved(CASES[case], rules, 4 * max(1, a.ratios // 4))
+            j, o, am = t["joint"], t["osgd"], t["osgd amortize=4"]
+            md.append(f"| {case} | {j:.1f} | {o:.1f} ({o / j:.2f}×) | {am:.1f} ({am / j:.2f}×) |")
+            print(md[-1], flush=True)
+        md.append("")
     md.append(f"load at end {os.getloadavg()[0]:.1f}")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "profile.md").write_text("\n".join(md) + "\n")
