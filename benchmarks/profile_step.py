@@ -7,6 +7,10 @@ backward and the optimizer step (phases interleaved step by step), the forward m
 ``torch.profiler`` table of the ops with the most self time over a few whole steps, with their call counts.
 
     python benchmarks/profile_step.py --out /tmp/anytrain-profile      # writes profile.md there
+    python benchmarks/profile_step.py --ratios 24 --threads 1          # instead: OSGD against joint, round robin
+
+``--ratios REPS`` times joint, exact OSGD and amortized OSGD (K=4) on each net stepping round robin, ``REPS`` steps
+each, so a load that drifts hits the three alike: the side-by-side figure for the issue's ratio targets.
 """
 
 from __future__ import annotations
