@@ -167,3 +167,10 @@ def test_sync_check_runs_real_steps_and_reports_a_synchronising_one(monkeypatch)
 
     monkeypatch.setattr(Trainer, "train_step", syncing_step)
     assert bc.sync_check(tiny, device="cpu") == "sync: called a synchronizing CUDA operation"
+
+
+def test_profile_step_round_robin_times_every_rule():
+    ps = _load("profile_step")
+    rules = {"joint": ["rule.name=joint"], "osgd": ["rule.name=osgd"], "osgd amortize=4": ["rule.amortize=4"]}
+    t = ps.interleaved([*TINY, "rule.name=osgd"], rules, reps=4)
+    assert set(t) == set(rules) and all(v > 0 for v in t.values())
