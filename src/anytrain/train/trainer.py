@@ -8,7 +8,7 @@ Run directory layout::
                      but for backprop, ``joint`` with ``last_only``: its last exit; early stopping)
     exit_scores.pt   per-exit top softmax probability and correctness on validation and test (final model),
                      for budgeted evaluation (``anytrain eval DIR --budget B``)
-    history.json     per-epoch metrics (training loss, validation accuracy), rewritten each epoch
+    history.json     per-epoch metrics (training loss, validation accuracy, seconds, images/s), rewritten each epoch
     tb/events.*      TensorBoard scalars
     *.png            plots
     metrics.json     written last, when the run finishes (contract: rule, optimizer, dataset, epochs, exits)
@@ -70,6 +70,7 @@ from anytrain.train.checkpoint import (
     state_dict_mismatch,
     swap_in,
 )
+from anytrain.train.clock import EpochClock, epoch_line
 from anytrain.train.schedule import build_scheduler
 
 
@@ -256,6 +257,8 @@ class Trainer:
         if resume:
             self._restore()
         self.writer: Any = None
+        self.clock = EpochClock(self.epochs, self.steps_per_epoch * cfg.data.batch_size * self.dist.world_size)
+        self._timing: dict[str, float] = {}
 
     # ---- state ------------------------------------------------------------------------------------------
     @property
@@ -419,6 +422,7 @@ class Trainer:
                 self.rule.on_epoch_start(epoch, self.epochs)
                 self.net.train()
                 self.loader.set_epoch(epoch)
+                self.clock.start()
                 loss_sum = torch.zeros(K, device=self.device)
                 bad_step = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first bad (loss, grad)
                 bar = tqdm(
@@ -448,7 +452,9 @@ class Trainer:
                                 self._log(f"rule/{name}", float(v), self.step)
                 bar.close()
                 dp.average_(loss_sum)  # the global mean training loss (no-op single-process)
-                self._end_epoch(epoch, (loss_sum / self.steps_per_epoch).tolist())
+                train_loss = (loss_sum / self.steps_per_epoch).tolist()  # waits for the epoch's last step
+                self._timing = self.clock.trained()
+                self._end_epoch(epoch, train_loss)
         finally:
             if self.writer is not None:
                 self.writer.flush()
@@ -489,6 +495,7 @@ class Trainer:
             "step": self.step,
             "train_loss": train_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
+            **self._timing,
             **self._extra_metrics(),
         }
         acc: list[float] = []
@@ -514,10 +521,10 @@ class Trainer:
             if self._staging:
                 self._swap_in()
         atomic_write_json(self.out / "history.json", self.history)
-        accs = " ".join(f"{a:.3f}" for a in acc) if acc else "(no validation split)"
         from tqdm.auto import tqdm
 
-        tqdm.write(f"epoch {epoch + 1}/{self.epochs}  loss {train_loss[-1]:.4f}  val acc per exit: {accs}")
+        left = self.clock.left(epoch)
+        tqdm.write(epoch_line(epoch, self.epochs, self._timing or self.clock.trained(), train_loss, acc, left))
 
     def selection_exits(self) -> list[int]:
         """The exits ``best.pt`` is selected on: those the rule trains (``rule.trained_exits``; all of them for a
