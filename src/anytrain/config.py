@@ -22,6 +22,7 @@ import yaml
 from anytrain.registry import ConfigError
 
 SEED_LIMIT = 2**32  # seeds feed numpy/torch generators (and derived per-rank streams): keep them 32-bit
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision: float32, or autocast to bfloat16 / float16 (loss scaling)
 _INT64 = 2**63
 _INF = math.inf
 
@@ -189,6 +190,16 @@ class TrainConfig(Section):
     tensorboard: bool = _checked(bool, default=True)
     plots: bool = _checked(bool, default=True)
     label_smoothing: float = _checked(float, 0, 1, default=0.0)
+    # speed (anytrain.train.precision): autocast dtype, torch.compile, channels-last memory, micro-batches per step
+    precision: str = _checked(str, default="fp32")
+    compile: bool = _checked(bool, default=False)
+    channels_last: bool = _checked(bool, default=False)
+    accumulate: int = _checked(int, 1, default=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 _SECTIONS: dict[str, type[Section]] = {
