@@ -135,3 +135,21 @@ def test_hanging_rank_is_named_and_job_ends_within_timeout(tmp_path: Path) -> No
     assert p.returncode != 0
     assert "rank 1 died or stopped responding" in p.stderr, p.stderr[-2000:]
     assert secs < 60
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_two_ranks_in_half_precision_equal_single_process_dgl(tmp_path: Path, prec: str) -> None:
+    # train.precision in dgl-parallel: the same autocast and per-module loss scalers as the trainer's DGL, the
+    # boundary tensors in float32 in both: the weights agree bit for bit.
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        CONFIG.replace("epochs: 2,", "epochs: 1,").replace("plots: false}", f"plots: false, precision: {prec}}}")
+    )
+    Trainer(load_config(cfg), tmp_path / "single").fit()
+    p, _ = run(cfg, tmp_path / "par")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ref, par = weights(tmp_path / "single" / "checkpoint.pt"), weights(tmp_path / "par" / "model.pt")
+    for k in ref:
+        torch.testing.assert_close(par[k], ref[k], rtol=0, atol=0, msg=k)

@@ -110,6 +110,8 @@ def module_step(
         out, logits = module_forward(net, stages, x)
         losses = torch.stack([criterion(loss_fn, k)(z, y).float() for k, z in zip(stages, logits)])
     out = detach_state(out)
+    if autocast is not None:  # the boundary keeps the input's dtype (float32), whatever autocast computed in
+        out = _cast_like(out, x)
     if emit is not None:
         emit(out)
     finite = None
@@ -136,6 +138,17 @@ def module_step(
             scaler.step(optimizer)  # skips the step when the unscaled gradients are not finite (a host sync)
             scaler.update()
     return ModuleStep(out, [z.detach() for z in logits], losses.detach(), finite)
+
+
+def _cast_like(state: Any, like: Any) -> Any:
+    """``state`` with its floating-point tensors in the dtype of ``like``'s first floating-point tensor."""
+    ref = [t for t in torch.utils._pytree.tree_leaves(like) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not ref:
+        return state
+    dtype = ref[0].dtype
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, state
+    )
 
 
 def _device_type(state: Any) -> str:
