@@ -94,7 +94,10 @@ def check_compiler(device: torch.device) -> None:
     try:
         fn = torch.compile(probe)
         x = torch.ones(8, device=device)
-        if float(fn(x)) != 16.0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch's own, from inside its toolchain
+            value = float(fn(x))
+        if value != 16.0:
             raise RuntimeError("the compiled probe returned a wrong value")
     except Exception as e:  # any failure of the toolchain (missing compiler, unsupported torch build, ...)
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__

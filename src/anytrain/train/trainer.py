@@ -417,6 +417,8 @@ class Trainer:
                 bar.close()
                 dp.average_(loss_sum)  # the global mean training loss (no-op single-process)
                 self._end_epoch(epoch, (loss_sum / self.steps_per_epoch).tolist())
+                if t.compile and main and epoch == self.start_epoch:  # graphs, graph breaks, recompilations
+                    tqdm.write(precision.compile_report())
         finally:
             if self.writer is not None:
                 self.writer.flush()
