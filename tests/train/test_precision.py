@@ -360,6 +360,7 @@ def _cli(args, capsys):
         (["train.accumulate=0"], "train.accumulate must be >= 1"),
         (["train.accumulate=4", "rule.name=adaloss"], "adaloss"),
         (["train.channels_last=true"], "channels_last"),
+        (["train.accumulate=3"], "must divide data.batch_size 32"),
     ],
 )
 def test_bad_speed_options_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, sets, words):

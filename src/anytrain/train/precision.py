@@ -106,9 +106,13 @@ def check_compiler(device: torch.device) -> None:
         torch._dynamo.reset()
 
 
-def check_setup(t: TrainConfig, device: torch.device, net: StagedNet, rule: Any, optimizer: Any) -> None:
+def check_setup(t: TrainConfig, device: torch.device, net: StagedNet, rule: Any, batch_size: int) -> None:
     """Every speed option checked against the run before anything is written (one-line ``ConfigError``)."""
     check_precision(t.precision, device)
+    if t.accumulate > 1 and batch_size % t.accumulate:
+        raise ConfigError(
+            f"train.accumulate {t.accumulate} must divide data.batch_size {batch_size} (equal micro-batches)"
+        )
     if t.accumulate > 1:
         why = rule.accumulate_error() if isinstance(rule, GradientRule) else None
         if why is not None:

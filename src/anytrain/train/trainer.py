@@ -230,7 +230,7 @@ class Trainer:
         self.best_score = -1.0
         self.net.flops_breakdown(self.data.input_shape)  # a dry run: a net that cannot take the input fails here
         # precision, micro-batches, compile, channels-last: checked here, before anything is written
-        precision.check_setup(t, self.device, self.net, self.rule, self.optimizer)
+        precision.check_setup(t, self.device, self.net, self.rule, cfg.data.batch_size)
         self.amp = precision.StepRunner(t, self.net, self.rule, self.optimizer, self.loss_fn, self.device, self.reduce)
         precision.prepare_net(self.net, t)
         if resume:
