@@ -444,3 +444,56 @@ def test_channels_last_on_a_2d_net_matches_the_default_layout(tmp_path):
             assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         ws.append(torch.cat([p.detach().reshape(-1) for p in tr.net.parameters()]))
     assert torch.allclose(ws[0], ws[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("opt", ["slbi", "curvature", "adam"])
+@pytest.mark.parametrize("rule", ["osgd", "joint"])
+def test_optimizers_see_unscaled_gradients_and_statistics(rule, opt):
+    # A GradScaler at 2^16 around a float32 forward: SLBI's Γ and z, CurvatureCorrected's Kronecker factors
+    # (its output-gradient statistic Ĝ is divided by s², told through set_loss_scale) and Adam's moments equal
+    # those of the unscaled run bit for bit: every difference would be a multiplication by a power of two.
+    states = []
+    for scaled in (False, True):
+        net = _trunk_heads()
+        r = build_rule(rule)
+        r.bind(net)
+        o = build_optimizer(opt, net, list(net.parameters()), **OPTIMIZERS[opt])
+        scaler = torch.amp.GradScaler("cpu", init_scale=S, enabled=scaled)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            o.zero_grad(set_to_none=True)
+            x, y = torch.randn(16, 2, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+            scale = scaler.scale(torch.ones(())) if scaled else None
+            if isinstance(o, CurvatureCorrected):
+                o.set_loss_scale(scale)
+            r.backward(net, [nn.functional.cross_entropy(z, y) for z in r.forward(net, x)], scale=scale)
+            scaler.step(o)
+            scaler.update()
+        states.append((copy.deepcopy(net.state_dict()), copy.deepcopy(o.state_dict()["state"])))
+    (w0, s0), (w1, s1) = states
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    for i in s0:
+        for key, v in s0[i].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, s1[i][key]), (i, key)
+
+
+def test_a_skipped_step_leaves_curvature_statistics_and_weights_untouched():
+    net = _trunk_heads()
+    o = CurvatureCorrected(net, lr=0.1, factor_every=1, inverse_every=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=S)
+    x, y = torch.randn(16, 2, 8), torch.randint(0, 3, (16,))
+    x[0, 0, 0] = float("inf")  # one bad sample: every gradient is NaN
+    before = copy.deepcopy(net.state_dict())
+    scale = scaler.scale(torch.ones(()))
+    o.set_loss_scale(scale)
+    build_rule("osgd").backward(net, [nn.functional.cross_entropy(z, y) for z in net(x)], scale=scale)
+    scaler.unscale_(o)
+    assert any(layer.captures for layer in o.layers)  # the statistics of this step hold NaN
+    o.discard_captures()  # what the trainer does once it sees non-finite gradients
+    scaler.step(o)  # skipped
+    scaler.update()
+    assert scaler.get_scale() == S / 2
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(not layer.captures for layer in o.layers) and not o.state and o.steps == 0
