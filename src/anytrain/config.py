@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -382,6 +382,8 @@ RESUME_SETTINGS = (
     "train.plots",
     "train.log_every",
     "train.checkpoint_every",
+    "train.compile",  # speed only: the same arithmetic up to float rounding
+    "train.channels_last",
     "data.eval_batch_size",
 )
 
@@ -395,8 +397,20 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         if isinstance(a, dict) and isinstance(b, dict):
             out += resume_changes(a, b, f"{prefix}{k}.")
         elif (k not in old or k not in new or a != b or type(a) is not type(b)) and prefix + k not in RESUME_SETTINGS:
+            if k not in old and _added_at_default(prefix + k, b):
+                continue  # a key newer than the run, at its default: the run was trained with that behaviour
             out.append(f"{prefix}{k}")
     return out
+
+
+def _added_at_default(key: str, value: Any) -> bool:
+    """Whether ``value`` is the default of the (non-named) section key ``key``, e.g. ``train.precision``."""
+    section, _, name = key.partition(".")
+    cls = _SECTIONS.get(section)
+    if cls is None or cls.named or not name:
+        return False
+    f = {f.name: f for f in fields(cls)}.get(name)
+    return f is not None and f.default is not MISSING and type(f.default) is type(value) and f.default == value
 
 
 _PLAIN = (str, int, float, bool, type(None))

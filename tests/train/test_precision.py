@@ -497,3 +497,38 @@ def test_a_skipped_step_leaves_curvature_statistics_and_weights_untouched():
     assert scaler.get_scale() == S / 2
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(not layer.captures for layer in o.layers) and not o.state and o.steps == 0
+
+
+def test_a_run_written_before_the_speed_keys_existed_still_resumes(tmp_path):
+    import yaml
+
+    from anytrain.config import load_config as load
+    from anytrain.train import load_checkpoint, save_checkpoint
+
+    c = cfg("joint", "sgd", "train.epochs=2")
+    tr = Trainer(c, tmp_path)
+    orig = tr._end_epoch
+
+    def end_epoch(epoch, loss):
+        orig(epoch, loss)
+        raise Stop
+
+    tr._end_epoch = end_epoch
+    with pytest.raises(Stop):
+        tr.fit()
+    # the files as an older anytrain wrote them: no train.precision / compile / channels_last / accumulate
+    old = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    for k in ("precision", "compile", "channels_last", "accumulate"):
+        del old["train"][k]
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    ck["config"] = yaml.safe_dump(old)
+    del ck["amp"]
+    save_checkpoint(tmp_path / "checkpoint.pt", ck)
+    first = (tmp_path / "config.yaml").read_text().splitlines()[0]
+    (tmp_path / "config.yaml").write_text(first + "\n" + yaml.safe_dump(old))
+    resumed = Trainer(load(tmp_path / "config.yaml"), tmp_path, resume=True)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+    # a key that does change the run is still refused
+    with pytest.raises(ConfigError, match="train.precision"):
+        Trainer(load(tmp_path / "config.yaml", ["train.precision=bf16"]), tmp_path, resume=True)
