@@ -324,7 +324,9 @@ def test_accumulate_4_equals_the_large_batch(tmp_path, rule, opt):
         weights.append(torch.cat([p.detach().reshape(-1) for p in tr.net.parameters()]))
     # float32 sums in another order: differences of a few ulps per step, grown over 4 steps by the optimizer
     assert torch.allclose(weights[0], weights[1], rtol=1e-4, atol=1e-5), f"{rule}+{opt}"
-    assert not torch.equal(weights[0], plain_net().state_dict()["stages.0.0.weight"].reshape(-1)[:1])
+    torch.manual_seed(0)
+    init = torch.cat([p.detach().reshape(-1) for p in plain_net().parameters()])
+    assert (weights[0] - init).norm() > 1e-3 * init.norm()  # it did train
 
 
 def test_accumulate_with_batch_norm_differs_and_curvature_factors_are_the_large_batchs(tmp_path):
