@@ -22,6 +22,7 @@ import yaml
 from anytrain.registry import ConfigError
 
 SEED_LIMIT = 2**32  # seeds feed numpy/torch generators (and derived per-rank streams): keep them 32-bit
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision: float32, or autocast to bfloat16 / float16 (loss scaling)
 _INT64 = 2**63
 _INF = math.inf
 
@@ -195,6 +196,16 @@ class TrainConfig(Section):
     plots: bool = _checked(bool, default=True)
     label_smoothing: float = _checked(float, 0, 1, default=0.0)
     freeze: str = _checked(str, default="none")  # none | trunk | a glob over parameter names
+    # speed (anytrain.train.precision): autocast dtype, torch.compile, channels-last memory, micro-batches per step
+    precision: str = _checked(str, default="fp32")
+    compile: bool = _checked(bool, default=False)
+    channels_last: bool = _checked(bool, default=False)
+    accumulate: int = _checked(int, 1, default=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 _SECTIONS: dict[str, type[Section]] = {
@@ -377,6 +388,8 @@ RESUME_SETTINGS = (
     "train.plots",
     "train.log_every",
     "train.checkpoint_every",
+    "train.compile",  # speed only: the same arithmetic up to float rounding
+    "train.channels_last",
     "data.eval_batch_size",
 )
 

@@ -382,3 +382,18 @@ def test_streaming_imagefolder_two_ranks_equal_one_rank(tmp_path):
     ov += ["data.options.grayscale=true", "data.options.memory_limit_mb=0.0001", "data.options.num_workers=1"]
     ov += ["model.name=cnn2d-exits"]
     _check([("stream", ov, 1e-4)], tmp_path)
+
+
+@pytest.mark.slow
+def test_half_precision_data_parallel(tmp_path):
+    """train.precision under data parallelism: replicas (and their loss scalers' effect) stay bit-identical, and
+    2 ranks × B agree with 1 rank × 2B to the precision's rounding (float16 u = 2⁻¹¹, bfloat16 u = 2⁻⁸, amplified
+    over 4 steps: one order of magnitude above u)."""
+    short = ["train.epochs=1", "data.options.n_train=128", "data.options.n_test=64", "data.val_size=0"]
+    _check(
+        [
+            ("osgd_fp16", [*short, "rule.name=osgd", "train.precision=fp16"], 1e-2),
+            ("joint_bf16", [*short, "rule.name=joint", "train.precision=bf16"], 5e-2),
+        ],
+        tmp_path,
+    )

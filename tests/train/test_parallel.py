@@ -166,3 +166,21 @@ def test_startup_note_explains_ranks_cores_and_threads(monkeypatch: pytest.Monke
     assert "loopback" in busy and "4 threads on 2 core(s): the ranks take turns" in busy
     roomy = parallel.startup_note(cfg, 2, {"OMP_NUM_THREADS": "1"})
     assert "2 processes" in roomy and "take turns" not in roomy
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_two_ranks_in_half_precision_equal_single_process_dgl(tmp_path: Path, prec: str) -> None:
+    # train.precision in dgl-parallel: the same autocast and per-module loss scalers as the trainer's DGL, the
+    # boundary tensors in float32 in both: the weights agree bit for bit.
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        CONFIG.replace("epochs: 2,", "epochs: 1,").replace("plots: false}", f"plots: false, precision: {prec}}}")
+    )
+    Trainer(load_config(cfg), tmp_path / "single").fit()
+    p, _ = run(cfg, tmp_path / "par")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ref, par = weights(tmp_path / "single" / "checkpoint.pt"), weights(tmp_path / "par" / "model.pt")
+    for k in ref:
+        torch.testing.assert_close(par[k], ref[k], rtol=0, atol=0, msg=k)

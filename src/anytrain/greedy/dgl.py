@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,22 @@ LossFn = Callable[[Tensor, Any], Tensor] | Sequence[Callable[[Tensor, Any], Tens
 Reduce = Callable[[Tensor], Tensor]
 Optimizers = ModuleOptimizers | Sequence[torch.optim.Optimizer | None]
 Step = tuple[Tensor, dict[str, Tensor], Tensor | None]  # per-exit losses, stats, all gradients finite
+
+
+class Amp(NamedTuple):
+    """Mixed precision and micro-batches of one procedure step (see :func:`module_step`)."""
+
+    autocast: torch.dtype | None = None  #: forward and losses under ``torch.autocast`` to this dtype
+    scalers: Sequence[torch.amp.GradScaler] | None = None  #: one float16 loss scaler per module
+    micro: tuple[int, int] = (0, 1)  #: micro-batch ``i`` of ``n`` of one step
+
+    def module(self, j: int) -> dict[str, Any]:
+        """The keyword arguments of :func:`module_step` for module ``j``."""
+        return {
+            "autocast": self.autocast,
+            "scaler": None if self.scalers is None else self.scalers[j],
+            "micro": self.micro,
+        }
 
 
 class ModuleStep(NamedTuple):
@@ -56,6 +72,9 @@ def module_step(
     loss_fn: LossFn = F.cross_entropy,
     reduce: Reduce | None = None,
     emit: Callable[[Any], None] | None = None,
+    autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    micro: tuple[int, int] = (0, 1),
 ) -> ModuleStep:
     """One step of one greedy module: forward its stages on the detached input ``x``, the losses of its exits,
     backward, then its optimizer's step.
@@ -72,27 +91,74 @@ def module_step(
             averaged before its step.
         emit: called with the detached output right after the forward pass, before the backward pass (the
             multi-process runner sends it on while this module computes its update).
+        autocast: run the forward pass and the losses under ``torch.autocast`` to this dtype.
+        scaler: float16 loss scaling: this module's ``GradScaler`` (one per module: no gradient crosses modules,
+            so each keeps the scale its own gradients allow); it unscales before the optimizer reads ``.grad``,
+            skips the module's step when its gradients are not finite, and updates its scale.
+        micro: ``(i, n)``: micro-batch ``i`` of ``n`` of one step (gradient accumulation): the gradients of the
+            ``n`` micro-batch mean losses, each divided by ``n``, add up; the optimizer steps after the last.
 
     Returns:
         :class:`ModuleStep`: the detached output, logits and losses, and a device-side flag that every gradient
         was finite.
     """
-    if optimizer is not None:
+    i, n = micro
+    if optimizer is not None and i == 0:
         optimizer.zero_grad(set_to_none=True)
-    out, logits = module_forward(net, stages, detach_state(x))
+    x = detach_state(x)
+    with torch.autocast(_device_type(x), dtype=autocast or torch.float32, enabled=autocast is not None):
+        out, logits = module_forward(net, stages, x)
+        losses = torch.stack([criterion(loss_fn, k)(z, y).float() for k, z in zip(stages, logits)])
     out = detach_state(out)
+    if autocast is not None:  # the boundary keeps the input's dtype (float32), whatever autocast computed in
+        out = _cast_like(out, x)
     if emit is not None:
         emit(out)
-    losses = torch.stack([criterion(loss_fn, k)(z, y) for k, z in zip(stages, logits)])
     finite = None
     if optimizer is not None:
-        losses.sum().backward()  # the graph starts at the detached input: only this module's parameters
+        seed = losses.sum() if n == 1 else losses.sum() / n
+        if scaler is not None:
+            seed = scaler.scale(seed)
+            if hasattr(optimizer, "set_loss_scale"):  # curvature statistics see the scaled output gradients
+                optimizer.set_loss_scale(scaler.scale(torch.ones((), device=seed.device)))
+        seed.backward()  # the graph starts at the detached input: only this module's parameters
+        if i < n - 1:
+            return ModuleStep(out, [z.detach() for z in logits], losses.detach(), None)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        if reduce is not None:
+        if reduce is not None:  # before unscaling: every rank then sees the same non-finite values and skips
             average_grads_(params, reduce)
-        finite = grads_finite(params)
-        optimizer.step()
+        if scaler is None:
+            finite = grads_finite(params)
+            optimizer.step()
+        else:
+            # GradScaler needs only param_groups, state and step: a ModuleStepper is used as an optimizer
+            opt = cast(torch.optim.Optimizer, optimizer)
+            scaler.unscale_(opt)
+            finite = grads_finite(params)
+            if hasattr(optimizer, "discard_captures") and finite is not None and not bool(finite):
+                optimizer.discard_captures()  # curvature statistics of a skipped step would hold infinities
+            scaler.step(opt)  # skips the step when the unscaled gradients are not finite (a host sync)
+            scaler.update()
     return ModuleStep(out, [z.detach() for z in logits], losses.detach(), finite)
+
+
+def _cast_like(state: Any, like: Any) -> Any:
+    """``state`` with its floating-point tensors in the dtype of ``like``'s first floating-point tensor."""
+    ref = [t for t in torch.utils._pytree.tree_leaves(like) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not ref:
+        return state
+    dtype = ref[0].dtype
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, state
+    )
+
+
+def _device_type(state: Any) -> str:
+    """The device type of the first tensor of a state pytree (for ``torch.autocast``)."""
+    if isinstance(state, Tensor):
+        return state.device.type
+    leaves = [t for t in torch.utils._pytree.tree_leaves(state) if isinstance(t, Tensor)]
+    return leaves[0].device.type if leaves else "cpu"
 
 
 def criterion(loss_fn: LossFn, k: int) -> Callable[[Tensor, Any], Tensor]:
@@ -133,12 +199,21 @@ class GreedyProcedure(ABC):
         *,
         loss_fn: LossFn = F.cross_entropy,
         reduce: Reduce | None = None,
+        autocast: torch.dtype | None = None,
+        scalers: Sequence[torch.amp.GradScaler] | None = None,
+        accumulate: int = 1,
     ) -> Step:
         """One training step on the batch ``(x, y)``: returns the per-exit losses (a detached K-vector), stats to
-        log and a device-side flag that every gradient was finite. Nothing here synchronises with the host.
+        log and a device-side flag that every gradient was finite. Nothing here synchronises with the host
+        (except a float16 scaler's step, which must read whether the gradients were finite).
 
         ``optimizers``: one per module (``build_module_optimizers``); ``loss_fn`` and ``reduce`` as in
-        :func:`module_step`."""
+        :func:`module_step`; ``autocast``: forward passes under ``torch.autocast`` to this dtype; ``scalers``: one
+        ``torch.amp.GradScaler`` per module (float16); ``accumulate``: split the batch into that many equal
+        micro-batches whose gradients add up before each module's step. That equals the step on the whole batch:
+        module ``j`` learns from its own exits' losses on inputs computed before any module stepped, so its
+        gradient is the mean of its micro-batch gradients (not with batch norm, which normalises each
+        micro-batch by its own statistics)."""
         staged = require_staged(net, self.name)
         part = self.partition if self.partition is not None else self.bind(staged)
         opts: list[Any]
@@ -151,7 +226,19 @@ class GreedyProcedure(ABC):
                 f"{self.name}: {len(opts)} optimizers for {len(part)} modules; build them with "
                 "anytrain.greedy.build_module_optimizers(net, procedure.bind(net), factory)"
             )
-        return self._step(staged, part, opts, x, y, loss_fn, reduce)
+        if scalers is not None and len(scalers) != len(part):
+            raise ValueError(f"{self.name}: {len(scalers)} loss scalers for {len(part)} modules (one per module)")
+        n = int(accumulate)
+        if n == 1:
+            return self._step(staged, part, opts, x, y, loss_fn, reduce, Amp(autocast, scalers))
+        if not isinstance(x, Tensor) or x.shape[0] % n:
+            raise ValueError(f"{self.name}: a batch of {len(y)} does not split into {n} equal micro-batches")
+        steps = [
+            self._step(staged, part, opts, xi, yi, loss_fn, reduce, Amp(autocast, scalers, (i, n)))
+            for i, (xi, yi) in enumerate(zip(x.chunk(n), y.chunk(n)))
+        ]
+        losses = torch.stack([s[0] for s in steps]).mean(0)
+        return losses, steps[-1][1], steps[-1][2]
 
     @abstractmethod
     def _step(
@@ -163,6 +250,7 @@ class GreedyProcedure(ABC):
         y: Tensor,
         loss_fn: LossFn,
         reduce: Reduce | None,
+        amp: Amp,
     ) -> Step:
         """One step of every module that trains now, on checked arguments."""
 
@@ -215,11 +303,12 @@ class DGL(GreedyProcedure):
         y: Tensor,
         loss_fn: LossFn,
         reduce: Reduce | None,
+        amp: Amp,
     ) -> Step:
         state: Any = x
         steps = []
-        for stages, opt in zip(part, opts):
-            s = module_step(net, stages, state, y, opt, loss_fn=loss_fn, reduce=reduce)
+        for j, (stages, opt) in enumerate(zip(part, opts)):
+            s = module_step(net, stages, state, y, opt, loss_fn=loss_fn, reduce=reduce, **amp.module(j))
             state = s.output
             steps.append(s)
         stats = {f"loss_m{j}": s.losses[-1] for j, s in enumerate(steps)}
@@ -302,17 +391,28 @@ class SGL(GreedyProcedure):
         y: Tensor,
         loss_fn: LossFn,
         reduce: Reduce | None,
+        amp: Amp,
     ) -> Step:
         before: list[Tensor] = []
         state: Any = x
-        with torch.no_grad():  # the frozen modules: fixed functions
-            for stages in part[: self.active]:
+        on = amp.autocast is not None
+        with torch.no_grad(), torch.autocast(_device_type(x), dtype=amp.autocast or torch.float32, enabled=on):
+            for stages in part[: self.active]:  # the frozen modules: fixed functions
                 for k in stages:
                     net.stages[k].eval()
                     net.exits[k].eval()
                 state, logits = module_forward(net, stages, state)
-                before += [criterion(loss_fn, k)(z, y) for k, z in zip(stages, logits)]
-        s = module_step(net, part[self.active], state, y, opts[self.active], loss_fn=loss_fn, reduce=reduce)
+                before += [criterion(loss_fn, k)(z, y).float() for k, z in zip(stages, logits)]
+        s = module_step(
+            net,
+            part[self.active],
+            state,
+            y,
+            opts[self.active],
+            loss_fn=loss_fn,
+            reduce=reduce,
+            **amp.module(self.active),
+        )
         zero = [
             criterion(loss_fn, k)(torch.zeros_like(s.logits[-1]), y).detach()
             for k in range(len(before) + len(s.losses), len(net.exits))
@@ -330,4 +430,4 @@ class SGL(GreedyProcedure):
         return f"modules={self.modules}, epochs_per_module={self.epochs_per_module}"
 
 
-__all__ = ["DGL", "SGL", "GreedyProcedure", "ModuleStep", "module_step"]
+__all__ = ["DGL", "SGL", "Amp", "GreedyProcedure", "ModuleStep", "module_step"]

@@ -48,6 +48,10 @@ How ``A`` and ``G`` are collected (``CurvatureCorrected``):
     It is the sum of per-pass statistics, which equals the default only with one backward pass per forward call
     (checked: a pass counter is compared with the forward calls at each factor update).
     Statistics, decompositions and the products of the step run with autocast disabled, in float32 at least.
+    Loss scaling (float16 with a ``GradScaler``): the output gradients the hooks see are ``s`` times the true
+    ones, so ``set_loss_scale(s)`` (the trainer calls it every step; ``s`` a device tensor) divides ``Ĝ`` by
+    ``s²``; a step the scaler skips must call ``discard_captures()`` so that its (non-finite) statistics are
+    dropped instead of entering the next step's.
 
 Layers: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (grouped: one Kronecker block per group) and weights tied
 between them (one layer at more positions); see ``_kron_layers.py``. Every other module holding a parameter of
@@ -456,6 +460,20 @@ class CurvatureCorrected(torch.optim.Optimizer):
         identical on every rank and equal to those of the global batch. ``None`` switches it off."""
         self._reducer = fn
 
+    _loss_scale: Tensor | None = None
+
+    def set_loss_scale(self, scale: Tensor | None) -> None:
+        """The loss scale ``s`` of the current step's backward passes (``None``: unscaled); ``Ĝ`` is divided by
+        ``s²``. A tensor, read on the device: no host synchronisation."""
+        self._loss_scale = scale
+
+    def discard_captures(self) -> None:
+        """Drop the statistics recorded since the last step (a step skipped for non-finite gradients)."""
+        for layer in self.layers:
+            layer.captures = []
+            for probe, count in layer.probes:
+                probe.grad = count.grad = None
+
     def _layer_g(self, layer: KronLayer, caps: list[Capture]) -> Tensor | None:
         """``Ĝ`` of this step: per module the mean over its forward calls of ``B Σ g gᵀ``, summed over the
         modules that share the weight (positions of one layer), times K² under K micro-batches (each loss was
@@ -491,6 +509,8 @@ class CurvatureCorrected(torch.optim.Optimizer):
                     continue
                 g_i = torch.stack(parts).mean(0)
             total = g_i if total is None else total + g_i
+        if total is not None and self._loss_scale is not None:
+            total = total / self._loss_scale.to(total.dtype).square()
         return total
 
     def _update_factors(self) -> bool:

@@ -35,6 +35,24 @@ place, ``anytrain.train.distributed.average_``); on return, everything the call 
 average. A gradient weighting averages ``G`` and the head gradients *before* combining them (the combination is
 non-linear); a loss weighting averages the losses its weights depend on (AdaLoss), then its gradients, which are
 linear in the losses.
+
+Loss scaling (float16 with ``torch.amp.GradScaler``): both take ``scale=`` (the current loss scale ``s``, a
+0-d tensor, power of two). The losses passed in stay *unscaled*, so whatever a rule computes from them (AdaLoss's
+running averages) sees the true values; the rule backpropagates ``s × (its combination)`` so that float16
+activation gradients do not underflow, and leaves ``s × (its gradient)`` in ``.grad``, exactly what
+``scaler.scale(loss).backward()`` leaves: ``scaler.unscale_`` / ``scaler.step`` then see and skip non-finite
+steps as usual. A gradient weighting divides the per-exit gradients by ``s`` *before* it combines them (exact:
+``s`` is a power of two) and multiplies the direction by ``s`` after, so the aggregator sees the float32 gradients
+whatever its homogeneity (OSGD, UPGrad, PCGrad, MGDA, CAGrad are positively homogeneous of degree 1 and would
+commute with the scale; NashMTL, which is homogeneous of degree 0 in ``G``, and AdaLoss, whose weights read the
+loss values, would not). Per-exit gradients that are not finite become a NaN direction (the aggregator is given
+zeros instead, so no solver sees an infinity), which the scaler then skips.
+
+Micro-batches (gradient accumulation): ``micro=(i, n)`` says this is micro-batch ``i`` of ``n`` of one step, each
+loss the mean over its micro-batch. Loss weightings with constant weights backpropagate ``(1/n) × total`` each
+time (the gradient of the large batch's mean loss, by linearity); gradient weightings add up the per-exit
+gradients and combine them once, after the last micro-batch, so they combine the large batch's ``G``. A rule whose
+result is not a function of the large batch's gradients says why in :meth:`GradientRule.accumulate_error`.
 """
 
 from __future__ import annotations
@@ -81,6 +99,10 @@ class GradientRule(ABC):
         ``anytrain.rules.backward`` to refuse the call."""
         return None
 
+    def accumulate_error(self) -> str | None:
+        """Why ``n`` micro-batches per step would not give this rule's large-batch update (``None``: they do)."""
+        return None
+
     def bind(self, net: nn.Module) -> None:
         """Called once by the trainer before training; check the net (number of exits, ...) here."""
 
@@ -93,12 +115,20 @@ class GradientRule(ABC):
         out = net(x)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def backward(self, net: nn.Module, losses: Sequence[Tensor], *, reduce: Reduce | None = None) -> dict[str, Tensor]:
+    def backward(
+        self,
+        net: nn.Module,
+        losses: Sequence[Tensor],
+        *,
+        reduce: Reduce | None = None,
+        scale: Tensor | None = None,
+        micro: tuple[int, int] = (0, 1),
+    ) -> dict[str, Tensor]:
         """Accumulate gradients of the per-exit ``losses`` of ``net`` into ``p.grad``; return tensors worth
-        logging. ``net`` is a staged network (or, for loss weightings, any module). ``reduce``: see the module
-        docstring (data parallelism)."""
+        logging. ``net`` is a staged network (or, for loss weightings, any module). ``reduce``, ``scale`` and
+        ``micro``: see the module docstring (data parallelism, loss scaling, micro-batches)."""
         check_losses_for(net, losses, self)
-        return self.combine(list(losses), None, net=net, reduce=reduce)
+        return self.combine(list(losses), None, net=net, reduce=reduce, scale=scale, micro=micro)
 
     @abstractmethod
     def combine(
@@ -108,9 +138,19 @@ class GradientRule(ABC):
         *,
         net: nn.Module | None = None,
         reduce: Reduce | None = None,
+        scale: Tensor | None = None,
+        micro: tuple[int, int] = (0, 1),
     ) -> dict[str, Tensor]:
         """Fill ``.grad`` from validated scalar ``losses``. ``part`` says which parameters are shared and which
         belong to which exit (``None``: take it from ``net``)."""
+
+    def _check_micro(self, micro: tuple[int, int]) -> None:
+        i, n = micro
+        if not 0 <= i < n:
+            raise ValueError(f"micro-batch index {i} out of range for {n} micro-batches")
+        why = self.accumulate_error() if n > 1 else None
+        if why is not None:
+            raise ValueError(f"rule {self.name!r} cannot accumulate micro-batches: {why}")
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """The training-progress hook, called by the trainer at the start of every epoch (``epoch`` counts from 0
@@ -144,15 +184,21 @@ class LossWeighting(GradientRule):
         *,
         net: nn.Module | None = None,
         reduce: Reduce | None = None,
+        scale: Tensor | None = None,
+        micro: tuple[int, int] = (0, 1),
     ) -> dict[str, Tensor]:
-        total = self.total(torch.stack(losses), reduce)
+        self._check_micro(micro)
+        total = self.total(torch.stack(losses), reduce)  # from the unscaled losses: the weights see true values
+        seed = total if micro[1] == 1 else total / micro[1]
+        if scale is not None:
+            seed = seed * scale
         if reduce is None:
-            total.backward()
+            seed.backward()
         elif part is not None:  # functional call: exactly the parameters the losses reach
-            backward_averaged(total, part.trunk + part.head_params(), reduce)
+            backward_averaged(seed, part.trunk + part.head_params(), reduce)
         else:
             assert net is not None
-            backward_averaged(total, net.parameters(), reduce)
+            backward_averaged(seed, net.parameters(), reduce)
         return {"loss": total.detach()}
 
 
@@ -169,6 +215,7 @@ class GradientWeighting(GradientRule):
     def __init__(self) -> None:
         self._part: ExitPartition | None = None
         self._part_key: tuple[int, int] | None = None
+        self._acc: tuple[Tensor, list[list[Tensor]]] | None = None  # per-exit gradients summed over micro-batches
 
     def bind(self, net: nn.Module) -> None:
         self.net_partition(net, getattr(net, "num_exits", 1))
@@ -192,15 +239,47 @@ class GradientWeighting(GradientRule):
         *,
         net: nn.Module | None = None,
         reduce: Reduce | None = None,
+        scale: Tensor | None = None,
+        micro: tuple[int, int] = (0, 1),
     ) -> dict[str, Tensor]:
+        self._check_micro(micro)
         if part is None:
             assert net is not None
             part = self.net_partition(net, len(losses))
         total = torch.stack([l.detach() for l in losses]).sum()
-        G, head_grads = per_exit_grads(losses, part, self.grad_method)
+        i, n = micro
+        # the seed of each per-exit backward: s/n (each micro-batch's share of the mean, times the loss scale,
+        # as a loss weighting's; curvature statistics then see the same output gradients for every rule)
+        mult = scale if n == 1 else (1.0 / n if scale is None else scale / n)
+        G, head_grads = per_exit_grads(losses if mult is None else [l * mult for l in losses], part, self.grad_method)
+        if n > 1:  # sum the per-exit gradients of the micro-batches; combine once, after the last
+            if i == 0:
+                self._acc = (G, head_grads)
+            else:
+                assert self._acc is not None
+                self._acc[0].add_(G)
+                torch._foreach_add_([g for gs in self._acc[1] for g in gs], [g for gs in head_grads for g in gs])
+            if i < n - 1:
+                return {"loss": total}
+            (G, head_grads), self._acc = self._acc, None
+        heads_flat = [g for gs in head_grads for g in gs]
+        if scale is not None:  # exact: the scale is a power of two
+            G.div_(scale)
+            if heads_flat:
+                torch._foreach_div_(heads_flat, scale)
         if reduce is not None:  # data parallel: combine the rank-averaged G, not an average of combinations
             G, head_grads = reduce_per_exit(reduce, G, head_grads)
+            heads_flat = [g for gs in head_grads for g in gs]
+        back: Tensor | None = None
+        if scale is not None:  # non-finite per-exit gradients: the aggregator gets zeros, .grad gets NaN
+            finite = torch.isfinite(torch.stack([G.sum(), *[g.sum() for g in heads_flat]]).sum())
+            G = torch.where(finite, G, torch.zeros((), dtype=G.dtype, device=G.device))
+            back = torch.where(finite, scale, torch.full_like(scale, float("nan")))
         direction, stats = self.aggregate(G, part)
+        if back is not None:
+            direction = direction * back.to(direction.dtype)
+            if heads_flat:
+                torch._foreach_mul_(heads_flat, back)
         write_flat(part, direction, head_grads)
         return {"loss": total, **stats}
 

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from anytrain.rules._base import PROCEDURES, GradientRule, Reduce, procedure_error, scalar_losses
@@ -13,7 +14,12 @@ from anytrain.rules._pergrad import graph_partition
 
 
 def backward(
-    losses: Sequence[Tensor], rule: str | GradientRule | Any, *, shared: Iterable[Tensor], reduce: Reduce | None = None
+    losses: Sequence[Tensor],
+    rule: str | GradientRule | Any,
+    *,
+    shared: Iterable[Tensor],
+    reduce: Reduce | None = None,
+    scale: float | Tensor | torch.amp.GradScaler | None = None,
 ) -> dict[str, Tensor]:
     """Accumulate the gradients a per-exit rule gives into ``.grad``, like ``torch.autograd.backward``.
 
@@ -44,6 +50,11 @@ def backward(
         reduce: data parallelism: a function that averages a flat tensor over the ranks in place and returns it
             (``anytrain.train.distributed.average_``). The per-exit gradients are averaged before a non-linear
             rule combines them; everything this call adds to ``.grad`` is then the rank average.
+        scale: float16 loss scaling: a ``torch.amp.GradScaler`` (or its current scale). Pass the *unscaled*
+            losses; ``.grad`` then holds the scale times the rule's gradient, as after
+            ``scaler.scale(loss).backward()``, so ``scaler.step(optimizer); scaler.update()`` follow as usual
+            (``scaler.unscale_(optimizer)`` first if you clip). The rule itself sees unscaled per-exit gradients
+            (see ``docs/precision.md``).
 
     Returns:
         The rule's statistics (tensors on the losses' device; no host synchronisation).
@@ -107,4 +118,22 @@ def backward(
         if not loss.requires_grad:
             raise ValueError(f"loss of exit {k} does not require grad (computed under no_grad, or detached?)")
     part = graph_partition(losses, params)
-    return rule.combine(losses, part, reduce=reduce)
+    return rule.combine(losses, part, reduce=reduce, scale=loss_scale(scale, losses[0].device))
+
+
+def loss_scale(scale: float | Tensor | torch.amp.GradScaler | None, device: torch.device) -> Tensor | None:
+    """The loss scale as a 0-d float32 tensor on ``device`` (``None``: no scaling). A ``GradScaler`` gives its
+    current scale without a host synchronisation (a disabled one: ``None``)."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.amp.GradScaler):
+        if not scale.is_enabled():
+            return None
+        return scale.scale(torch.ones((), device=device))
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ValueError(f"scale must be a float, a 1-element float tensor or a GradScaler, got {scale.dtype}")
+        return scale.reshape(()).to(device, torch.float32)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < float(scale) < float("inf"):
+        raise ValueError(f"scale must be a positive finite number, a tensor or a GradScaler, got {scale!r}")
+    return torch.tensor(float(scale), device=device)

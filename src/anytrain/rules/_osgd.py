@@ -324,8 +324,17 @@ class OSGD(GradientWeighting):
         self._scaled_forward = True
         return out
 
-    def backward(self, net: nn.Module, losses: Sequence[Tensor], *, reduce: Reduce | None = None) -> dict[str, Tensor]:
+    def backward(
+        self,
+        net: nn.Module,
+        losses: Sequence[Tensor],
+        *,
+        reduce: Reduce | None = None,
+        scale: Tensor | None = None,
+        micro: tuple[int, int] = (0, 1),
+    ) -> dict[str, Tensor]:
         check_losses_for(net, losses, self)
+        self._check_micro(micro)
         scaled, self._scaled_forward = self._scaled_forward, False
         refresh = self._refresh_due()
         if not refresh and not scaled:
@@ -333,16 +342,21 @@ class OSGD(GradientWeighting):
                 f"osgd amortize={self.amortize}: step {self.steps} reuses cached weights, which needs the forward "
                 "to go through rule.forward(net, x), not net(x)"
             )
-        self.steps += 1
+        if micro[0] == micro[1] - 1:  # one step per large batch: the schedule of refreshes counts steps
+            self.steps += 1
         if not refresh:
             vec = torch.stack(list(losses))
-            # trunk gets Σ a_k g_k through the scaling nodes; heads their own gradient; linear in the losses
+            # trunk gets Σ a_k g_k through the scaling nodes; heads their own gradient; linear in the losses (so
+            # micro-batches add up and the loss scale multiplies the seed, as for a loss weighting)
+            seed = vec.sum() if micro[1] == 1 else vec.sum() / micro[1]
+            if scale is not None:
+                seed = seed * scale
             if reduce is None:
-                vec.sum().backward()
+                seed.backward()
             else:
-                backward_averaged(vec.sum(), net.parameters(), reduce)
+                backward_averaged(seed, net.parameters(), reduce)
             return {"loss": vec.detach().sum()}
-        return self.combine(list(losses), None, net=net, reduce=reduce)
+        return self.combine(list(losses), None, net=net, reduce=reduce, scale=scale, micro=micro)
 
     def aggregate(self, G: Tensor, part: ExitPartition) -> tuple[Tensor, dict[str, Tensor]]:
         if self.mode == "global":

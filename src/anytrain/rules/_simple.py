@@ -94,6 +94,11 @@ class AdaLoss(LossWeighting):
         self.avg: Tensor | None = None
         self.steps = 0
 
+    def accumulate_error(self) -> str | None:
+        # Ē_k is updated with the step's loss before the weights are applied, so every micro-batch's backward
+        # would need the large batch's loss first: equal only by keeping all n graphs (or a second forward).
+        return "its weights need the whole batch's losses before any backward (set train.accumulate: 1)"
+
     def weights(self) -> Tensor:
         assert self.avg is not None
         corr = 1.0 - self.beta**self.steps

@@ -56,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ from anytrain.config import RunConfig
 from anytrain.greedy import ReplayBuffer, module_step
 from anytrain.nets import StagedNet
 from anytrain.registry import ConfigError
+from anytrain.train import precision
 
 DATA, MARK, END = 1, 2, 0
 PEER_FAILURE = 3  # exit code of a rank that stopped because a peer failed (peer unknown)
@@ -179,6 +181,10 @@ class RankModule:
                 net.stages[k] = nn.Identity()
                 net.exits[k] = nn.Identity()
         net.to(device)
+        # train.precision: autocast in the module's forward; under fp16 this rank's own loss scaler (one per
+        # module, as in the trainer's DGL: no gradient crosses modules, and no rank waits for another's scale)
+        self.autocast = precision.autocast_dtype(cfg.train.precision)
+        self.scaler = torch.amp.GradScaler(device.type) if self.autocast == torch.float16 else None
         self.steps = 0
         # progress: the mean loss of each of the module's exits over the steps since its last checkpoint (summed
         # on device, no sync); saved in the epoch's shard, from which rank 0 writes history.json at the end
@@ -189,8 +195,16 @@ class RankModule:
     def step(self, x: Tensor, y: Tensor, send: Callable[[Tensor], None] | None = None) -> None:
         """One DGL module step (``anytrain.greedy.module_step``, as in the trainer), then the schedule's.
         ``send`` gets the detached output before the backward pass, so the next rank starts at once."""
-        s = module_step(self.net, self.stages, x, y, self.optimizer, loss_fn=self.loss_fn, emit=send)
-        self.scheduler.step()
+        s = module_step(
+            self.net, self.stages, x, y, self.optimizer, loss_fn=self.loss_fn, emit=send,
+            autocast=self.autocast, scaler=self.scaler,
+        )  # fmt: skip
+        if self.scaler is None:
+            self.scheduler.step()
+        else:  # a first step skipped by the scaler is expected: torch's scheduler-order warning does not apply
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+                self.scheduler.step()
         self.steps += 1
         self.loss_sum += s.losses
         self.loss_steps += 1
@@ -223,6 +237,7 @@ class RankModule:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "buffer": None if buffer is None else buffer.state_dict(),
             "train_loss": self.mean_losses(),  # per exit of the module, over the epoch (history.json)
         }
@@ -234,6 +249,8 @@ class RankModule:
         self.optimizer.load_state_dict(shard["optimizer"])
         self.scheduler.load_state_dict(shard["scheduler"])
         torch.set_rng_state(shard["rng"].cpu())
+        if self.scaler is not None and shard.get("scaler"):
+            self.scaler.load_state_dict(shard["scaler"])
         self.steps = int(shard["steps"])
 
 
@@ -823,9 +840,14 @@ def _check_components(cfg: RunConfig) -> int:
 
     from anytrain.data import DataBundle
     from anytrain.train.schedule import build_scheduler
-    from anytrain.train.trainer import build_components
+    from anytrain.train.trainer import build_components, resolve_device
 
     comps = build_components(cfg, torch.device("cpu"))
+    t = cfg.train
+    precision.check_precision(t.precision, resolve_device(t.device))
+    for key, on in (("accumulate", t.accumulate > 1), ("compile", t.compile), ("channels_last", t.channels_last)):
+        if on:
+            raise ConfigError(f"dgl-parallel does not support train.{key} (each rank streams whole eager batches)")
     if not isinstance(comps["data"], DataBundle):
         raise ConfigError(
             f"dgl-parallel reads data held in memory, and data set {cfg.data.name!r} streams from disk here "

@@ -60,6 +60,7 @@ from anytrain.optim import build_optimizer
 from anytrain.registry import ConfigError, as_config_error
 from anytrain.rules import GradientRule, build_rule
 from anytrain.train import distributed as dp
+from anytrain.train import precision
 from anytrain.train.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -254,6 +255,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_score = -1.0
         self.net.flops_breakdown(self.data.input_shape)  # a dry run: a net that cannot take the input fails here
+        # precision, micro-batches, compile, channels-last: checked here, before anything is written
+        precision.check_setup(t, self.device, self.net, self.rule, cfg.data.batch_size)
+        self.amp = precision.StepRunner(t, self.net, self.rule, self.optimizer, self.loss_fn, self.device, self.reduce)
+        precision.prepare_net(self.net, t)
         if resume:
             self._restore()
         self.writer: Any = None
@@ -276,6 +281,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rule": self.rule.state_dict(),
+            "amp": self.amp.state_dict(),
             "rng": rng,
             "history": self.history,
             "best_score": self.best_score,
@@ -307,6 +313,7 @@ class Trainer:
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.rule.load_state_dict(ck["rule"])
+            self.amp.load_state_dict(ck.get("amp", {}))
             torch.set_rng_state(ck["rng"]["torch"].cpu())
             if "cuda" in ck["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu(), self.device)
@@ -321,20 +328,10 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One optimisation step. Returns the per-exit losses (detached, on device) and the rule's stats.
-        Nothing here synchronises with the host."""
-        if isinstance(self.rule, GreedyProcedure):  # every module steps its own optimizer (greedy.module_step)
-            assert isinstance(self.optimizer, ModuleOptimizers)
-            losses, stats, self._grads_ok = self.rule.step(
-                self.net, x, y, self.optimizer, loss_fn=self.loss_fn, reduce=self.reduce
-            )
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            per_exit = [self.loss_fn(z, y) for z in self.rule.forward(self.net, x)]
-            stats = self.rule.backward(self.net, per_exit, reduce=self.reduce)  # .grad: rank averages
-            self._grads_ok = dp.grads_finite(self._params)  # one fused pass (L1 norms), no host sync
-            self.optimizer.step()
-            losses = torch.stack([l.detach() for l in per_exit])
-        self.scheduler.step()
+        Nothing here synchronises with the host (but a float16 loss scaler's step). The step itself, under
+        ``train.precision`` and ``train.accumulate``: ``anytrain.train.precision.StepRunner``."""
+        losses, stats, self._grads_ok = self.amp.step(x, y)  # greedy procedures step one optimizer per module
+        self.amp.scheduler_step(self.scheduler)
         self.step += 1
         return losses, stats
 
@@ -455,6 +452,8 @@ class Trainer:
                 train_loss = (loss_sum / self.steps_per_epoch).tolist()  # waits for the epoch's last step
                 self._timing = self.clock.trained()
                 self._end_epoch(epoch, train_loss)
+                if t.compile and main and epoch == self.start_epoch:  # graphs, graph breaks, recompilations
+                    tqdm.write(precision.compile_report())
         finally:
             if self.writer is not None:
                 self.writer.flush()
@@ -477,7 +476,7 @@ class Trainer:
 
     def _extra_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for prefix, obj in (("opt", self.optimizer), ("rule", self.rule)):
+        for prefix, obj in (("opt", self.optimizer), ("rule", self.rule), ("amp", self.amp)):
             fn = getattr(obj, "epoch_metrics", None)
             if callable(fn):
                 for k, v in fn().items():
