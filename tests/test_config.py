@@ -102,7 +102,10 @@ def test_unknown_keys_are_named():
     [
         (["model.depth=3"], "model 'nested-width': unknown option(s) depth; allowed: stages, width, layers"),
         (["rule.bogus=1"], "rule 'osgd': unknown option(s) bogus; allowed:"),
-        (["data.options.bogus=1", "data=digits"], "data set 'digits': unknown option(s) bogus; allowed: test_fraction"),
+        (
+            ["data.options.bogus=1", "data=digits"],
+            "data set 'digits': unknown option(s) bogus in data.options; it takes test_fraction",
+        ),
     ],
 )
 def test_builders_check_options_against_their_signature(sets, msg):

@@ -54,7 +54,7 @@ def test_registry_names_and_unknown() -> None:
     assert {"mnist1d", "digits", "cifar10", "cifar100", "synthetic"} <= set(DATASETS)
     with pytest.raises(ConfigError, match=r"unknown data set 'nope'; known: .*mnist1d"):
         load_dataset("nope")
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) bogus; allowed: test_fraction"):
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) bogus in data.options; it takes test_fraction"):
         load_dataset("digits", bogus=1)
     with pytest.raises(ConfigError, match="num_samples"):
         load_dataset("synthetic", num_samples=0)
