@@ -418,9 +418,9 @@ def test_compile_does_not_recompile_after_the_first_epoch(tmp_path):
     from anytrain.train.precision import compile_report
 
     torch._dynamo.reset()
-    counters.clear()
     c = cfg("osgd", "sgd", "train.compile=true", "train.epochs=3")
     tr = Trainer(c, tmp_path)
+    counters.clear()  # not the compiler check's probe: only what training compiles
     seen = []
     orig = tr._end_epoch
 
@@ -430,7 +430,8 @@ def test_compile_does_not_recompile_after_the_first_epoch(tmp_path):
 
     tr._end_epoch = end_epoch
     tr.fit()
-    assert seen[0][0] > 0 and seen[0][0] == seen[-1][0], seen
+    # every stage and head was compiled (training graphs, and again for evaluation), all in the first epoch
+    assert seen[0][0] >= 2 * tr.net.num_exits and seen[0][0] == seen[-1][0], seen
     assert seen[0][1] == seen[-1][1] and seen[0][1].startswith("compile: ")
 
 
