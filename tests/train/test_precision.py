@@ -412,6 +412,7 @@ def test_every_rule_and_optimizer_trains_an_epoch_in_half_precision(tmp_path, ru
 # ---- compile and channels-last ---------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, from inside the compile toolchain
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")  # dynamo's tracing
 def test_compile_does_not_recompile_after_the_first_epoch(tmp_path):
     from torch._dynamo.utils import counters
 
