@@ -417,15 +417,16 @@ def test_every_rule_and_optimizer_trains_an_epoch_in_half_precision(tmp_path, ru
 # ---- compile and channels-last ---------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, from inside the compile toolchain
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")  # dynamo's tracing
 def test_compile_does_not_recompile_after_the_first_epoch(tmp_path):
     from torch._dynamo.utils import counters
 
     from anytrain.train.precision import compile_report
 
     torch._dynamo.reset()
-    counters.clear()
     c = cfg("osgd", "sgd", "train.compile=true", "train.epochs=3")
     tr = Trainer(c, tmp_path)
+    counters.clear()  # not the compiler check's probe: only what training compiles
     seen = []
     orig = tr._end_epoch
 
@@ -435,7 +436,8 @@ def test_compile_does_not_recompile_after_the_first_epoch(tmp_path):
 
     tr._end_epoch = end_epoch
     tr.fit()
-    assert seen[0][0] > 0 and seen[0][0] == seen[-1][0], seen
+    # every stage and head was compiled (training graphs, and again for evaluation), all in the first epoch
+    assert seen[0][0] >= 2 * tr.net.num_exits and seen[0][0] == seen[-1][0], seen
     assert seen[0][1] == seen[-1][1] and seen[0][1].startswith("compile: ")
 
 
