@@ -131,6 +131,12 @@ def prepare_net(net: StagedNet, t: TrainConfig) -> None:
         # ``forward`` of each stage and head replaced by its compiled version: parameter names, hooks and
         # checkpoints are those of the eager module. (``nn.Module.compile`` compiles ``_call_impl``, a frame that
         # dynamo skips as torch-internal in this torch: it ran eagerly, with no graph captured.)
+        # Donated buffers (AOTAutograd frees a compiled backward's saved tensors as it runs) are incompatible
+        # with ``retain_graph=True``, which the per-exit rules (OSGD, TorchJD, AdaLoss...) need: exit k's backward
+        # runs through stages 0..k and exit k+1's through them again. Turned off for this process.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         for m in [*net.stages, *net.exits]:
             m.forward = torch.compile(m.forward)  # type: ignore[method-assign]
 
