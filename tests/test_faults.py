@@ -497,7 +497,7 @@ CASES = {
     "set-no-equals": A([*TRAIN, "--set", "lr", "--out", "{tmp}/new"], "expects key=value"),
     "section-scalar": T(["train=5"], "section 'train' must be a mapping"),
     "data-options-scalar": T(["data.options=3"], "data.options must be a mapping"),
-    "python-tag-is-a-string": T(['model.name=!!python/object/apply:os.system ["true"]'], "cannot import"),
+    "python-tag-is-a-string": T(['model.name=!!python/object/apply:os.system ["true"]'], "unknown model"),
     # -- config files
     "file-list": A(
         [*TRAIN[:1], "{tmp}/c.yaml", "--out", "{tmp}/new"], "mapping at the top level", _write("c.yaml", "- 1\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from anytrain.nets.attach import AttachedNet, TokenHead, attach_exits
@@ -15,10 +16,13 @@ MODELS: Registry = Registry("model")
 def build_model(name: str, **kwargs: Any) -> StagedNet:
     """Build a registered model, or with ``name`` = ``package.module:function`` call the user's function. Builders
     take ``in_shape`` and ``num_classes`` plus their own options; a bad option is a one-line ``ConfigError``."""
-    if ":" in name:
+    if _USER_MODEL.fullmatch(name):
         return _user_model(name, **kwargs)
     _load_builders()
     return MODELS.build(name, **kwargs)
+
+
+_USER_MODEL = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:function; anything else: the registry
 
 
 def _user_model(name: str, **kwargs: Any) -> StagedNet:
