@@ -73,7 +73,7 @@ NETS: dict[str, list[str]] = {
     ],
 }
 RULES: dict[str, list[str]] = {
-    "weighted": ["rule.name=weighted"],
+    "weighted": ["rule.name=weighted", "rule.weights=[0.1,0.2,0.3,0.4]"],
     "adaloss": ["rule.name=adaloss"],
     "sdn": ["rule.name=sdn"],
     "gradient-equilibrium": ["rule.name=gradient-equilibrium"],
@@ -82,11 +82,11 @@ RULES: dict[str, list[str]] = {
     "torchjd:UPGrad": ["rule.name=torchjd:UPGrad"],
     "torchjd:PCGrad": ["rule.name=torchjd:PCGrad"],
     "dgl": ["rule.name=dgl"],
-    "sgl": ["rule.name=sgl"],
+    "sgl": ["rule.name=sgl", "train.epochs=4"],  # one epoch per module; the 2nd trains module 1
 }
 OPTIMIZERS: dict[str, list[str]] = {
-    "adam": ["optimizer.name=adam", "optimizer.lr=0.001", "optimizer.momentum=null"],
-    "adamw": ["optimizer.name=adamw", "optimizer.lr=0.001", "optimizer.momentum=null"],
+    "adam": ["optimizer.name=adam", "optimizer.lr=0.001"],
+    "adamw": ["optimizer.name=adamw", "optimizer.lr=0.001"],
     "slbi": ["optimizer.name=slbi"],
     "curvature": ["optimizer.name=curvature"],
 }
@@ -152,7 +152,8 @@ def plan_rows(sections: Sequence[str], nets: Sequence[str], groups: Sequence[str
                     rows.append(Row(section, net, label, "trainer", base + o))
         if "optimizers" in groups and every_rule:
             for label, o in OPTIMIZERS.items():
-                rows.append(Row(section, net, f"joint + {label}", "trainer", base + ["rule.name=joint"] + o))
+                own = [b for b in base if not b.startswith("optimizer.")]  # not sgd's momentum and weight decay
+                rows.append(Row(section, net, f"joint + {label}", "trainer", own + ["rule.name=joint"] + o))
         if "precision" in groups:
             for label, o, key, two_d in PRECISION:
                 if not two_d or section == "fashion":
