@@ -27,23 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_throughput import NETS  # noqa: E402  (the same net definitions as the throughput table)
+
 CASES = {
     "default run (nested-width)": [],
     "nested-depth": ["model.name=nested-depth", "model.stages=4", "model.width=16"],
     "nested-width-depth": ["model.name=nested-width-depth", "model.stages=3", "model.width=8"],
-    "msdnet-small": [
-        "data.name=fashion-mnist",
-        "data.num_samples=1024",
-        "model.name=msdnet",
-        "model.blocks=4",
-        "model.base=1",
-        "model.step=1",
-        "model.scales=3",
-        "model.channels=8",
-        "model.growth=4",
-        "model.bottleneck=false",
-        "model.head_channels=16",
-    ],
+    "msdnet-small": ["data.name=fashion-mnist", "data.num_samples=1024", *NETS["msdnet-small"]],
 }
 
 
