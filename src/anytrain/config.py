@@ -190,6 +190,7 @@ class TrainConfig(Section):
     device: str = _checked(str, default="auto")
     log_every: int = _checked(int, 0, lo_in=False, default=20)
     checkpoint_every: int = _checked(int, 0, lo_in=False, default=1)
+    keep_every: int = _checked(int, 0, default=0)  # > 0: also keep every N-th epoch's checkpoint in checkpoints/
     threads: int = _checked(int, 0, default=0)  # 0: torch's default
     progress: bool = _checked(bool, default=True)
     tensorboard: bool = _checked(bool, default=True)
@@ -388,6 +389,7 @@ RESUME_SETTINGS = (
     "train.plots",
     "train.log_every",
     "train.checkpoint_every",
+    "train.keep_every",
     "train.compile",  # speed only: the same arithmetic up to float rounding
     "train.channels_last",
     "data.eval_batch_size",

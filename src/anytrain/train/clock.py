@@ -40,6 +40,7 @@ class EpochClock:
         self.images_per_epoch = int(images_per_epoch)
         self._session_start: float | None = None
         self._epoch_start = 0.0
+        self._epoch_cpu = 0.0
         self._started = 0  # epochs started in this session
         self.seconds = 0.0  # training seconds of the last epoch
 
@@ -48,12 +49,19 @@ class EpochClock:
         if self._session_start is None:
             self._session_start = now
         self._epoch_start = now
+        self._epoch_cpu = time.process_time()
         self._started += 1
 
     def trained(self) -> dict[str, float]:
-        """Call once the epoch's steps are finished: its training seconds and images per second."""
+        """Call once the epoch's steps are finished: its training seconds, images per second, and the CPU
+        seconds this process spent (all its threads; with ``train.threads=1`` on a busy machine this is what
+        the epoch would take on a quiet core, which wall time is not)."""
         self.seconds = time.perf_counter() - self._epoch_start
-        return {"seconds": self.seconds, "images_per_s": self.images_per_epoch / max(self.seconds, 1e-9)}
+        return {
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_epoch / max(self.seconds, 1e-9),
+            "cpu_seconds": time.process_time() - self._epoch_cpu,
+        }
 
     def left(self, epoch: int) -> float:
         """Estimated seconds to finish the run once epoch ``epoch`` (0-based, the one being finished) is done."""

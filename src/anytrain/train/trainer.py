@@ -4,11 +4,13 @@ Run directory layout::
 
     config.yaml      fully resolved config; its first line marks the directory as an anytrain run
     checkpoint.pt    last completed epoch (model, optimizer, scheduler, rule, RNG, history), atomic
+    checkpoints/     epoch_NNNN.pt: the same, kept for every ``train.keep_every``-th epoch (off by default)
     best.pt          weights only, at the best mean *validation* accuracy of the exits the rule trains (all
                      but for backprop, ``joint`` with ``last_only``: its last exit; early stopping)
     exit_scores.pt   per-exit top softmax probability and correctness on validation and test (final model),
                      for budgeted evaluation (``anytrain eval DIR --budget B``)
-    history.json     per-epoch metrics (training loss, validation accuracy, seconds, images/s), rewritten each epoch
+    history.json     per-epoch metrics (training loss, validation accuracy, seconds, CPU seconds, images/s), rewritten
+                     each epoch
     tb/events.*      TensorBoard scalars
     *.png            plots
     metrics.json     written last, when the run finishes (contract: rule, optimizer, dataset, epochs, exits)
@@ -519,6 +521,10 @@ class Trainer:
             save_checkpoint(self.checkpoint_path, self._payload(epoch))
             if self._staging:
                 self._swap_in()
+        keep = self.cfg.train.keep_every
+        if keep and (epoch + 1) % keep == 0:  # a snapshot to go back to (an SLBI path point, say)
+            (self.out / "checkpoints").mkdir(exist_ok=True)
+            save_checkpoint(self.out / "checkpoints" / f"epoch_{epoch + 1:04d}.pt", self._payload(epoch))
         atomic_write_json(self.out / "history.json", self.history)
         from tqdm.auto import tqdm
 
