@@ -1,9 +1,10 @@
 """The four papers' claims at convergence on the full Fashion-MNIST (issue 25): 3 seeds per arm, the learning rate
 of each arm chosen once on validation, every verdict computed from its own numbers.
 
-    python benchmarks/claims.py                       # all four studies, 2 training processes at a time
-    python benchmarks/claims.py --studies dgl --jobs 1
-    python benchmarks/claims.py --report-only         # rebuild the verdicts from what is recorded
+    python benchmarks/claims.py --results benchmarks/claims/results.json   # all four studies, 2 processes
+    python benchmarks/claims.py --results benchmarks/claims/results.json --studies dgl --jobs 1
+    python benchmarks/claims.py --results benchmarks/claims/results.json --report-only   # verdicts only
+    python benchmarks/claims.py --smoke               # the machinery on 3,000 images, 2 epochs (never a result)
 
 Data: Fashion-MNIST, all of it: 55,000 training images, 5,000 validation images (a seeded, class-stratified
 split of the 60,000, ``data.val_size: auto``), the 10,000 test images, touched once per run when it finishes.
@@ -39,9 +40,10 @@ Studies:
   of prunable channels), the exported W*, and three retrained tickets of that size (SLBI's support, magnitude
   and random, rewound to the initial weights) vs the dense net (the curvature study's SGD runs).
 
-Everything runs as ordinary ``anytrain`` run directories under ``--root`` (``runs/benchmarks/claims``), each with
-a log beside it; a killed benchmark resumes: finished runs are read from ``results.json`` (so the suite continues
-on another machine from the committed file), unfinished ones resume with ``anytrain train --resume``.
+Every run is an ordinary ``anytrain`` run directory under ``--root`` (default ``runs/benchmarks/claims/runs``), with
+its config and log beside it. A killed benchmark resumes: the runs recorded in ``--results`` are not run again (so
+the suite continues on another machine from the committed file), unfinished ones resume with
+``anytrain train --resume``, and ``--results`` is rewritten (atomically) each time a run finishes.
 """
 
 from __future__ import annotations
@@ -61,15 +63,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from _output import default_out
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "claims" / "results.json"
+RESULTS = default_out("claims", "results.json")  # the committed copy: --results benchmarks/claims/results.json
 EPOCHS = 12
 MARGIN = 0.01  # "matches": within 1 point
 CONVERGED = 0.003  # max − min of validation accuracy over the last 20 % of epochs
 TARGET_REMOVED = 0.5  # SLBI: fraction of prunable channels removed at the stopping point
 ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
-ANYTRAIN = [sys.executable, "-c", "from anytrain.cli import main; raise SystemExit(main())"]  # this interpreter's anytrain
+ANYTRAIN = [
+    sys.executable,
+    "-c",
+    "from anytrain.cli import main; raise SystemExit(main())",
+]  # this interpreter's anytrain
 QUIET = {"threads": 1, "progress": False, "tensorboard": False, "plots": False}
 
 NETS: dict[str, dict[str, Any]] = {
@@ -602,7 +609,7 @@ def verdict(study: str, runs: list[dict[str, Any]], suite: Suite | None = None) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", nargs="+", choices=STUDY_ORDER, default=STUDY_ORDER)
-    ap.add_argument("--root", type=Path, default=ROOT / "runs" / "benchmarks" / "claims", help="run directories")
+    ap.add_argument("--root", type=Path, default=default_out("claims", "runs"), help="run directories")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--jobs", type=int, default=2, help="training processes at a time (one thread each)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the verdicts; start nothing")
@@ -613,8 +620,6 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
-        if args.results == RESULTS:
-            ap.error("--smoke needs its own --results (the committed results hold full-size runs only)")
         SMOKE.update(epochs=2, data={"num_samples": 3000})
     if args.part == "stop":
         part_stop(args.root, args.root / args.deps[0], args.root / args.deps[1], args.root / args.out)
