@@ -442,6 +442,11 @@ CASES = {
     "eval-metrics-malformed": A(["eval", "{run}"], "is malformed", _write("run/metrics.json", '{"exits": 3}')),
     "plot-metrics-malformed": A(["plot", "{run}"], "is malformed", _write("run/metrics.json", '{"exits": [{}]}')),
     "plot-history-malformed": A(["plot", "{run}"], "is malformed", _write("run/history.json", '[{"epoch": 1}]')),
+    "plot-step-loss-malformed": A(
+        ["plot", "{run}"],
+        "is malformed",
+        _write("run/history.json", '[{"epoch": 1, "step": 8, "train_loss": [1.0], "step_loss": [[8, 0.1, ["x"]]]}]'),
+    ),
     "lr-nan": T(["optimizer.lr=.nan"], "optimizer.lr must be finite"),
     "lr-inf": T(["optimizer.lr=.inf"], "optimizer.lr must be finite"),
     "momentum-nan": T(["optimizer.momentum=.nan"], "optimizer.momentum must be finite"),
@@ -468,6 +473,7 @@ CASES = {
     "epochs-overflowing-float": T(["train.epochs=1e400"], "train.epochs must be finite"),
     "log-every-zero": T(["train.log_every=0"], "train.log_every must be > 0"),
     "checkpoint-every-negative": T(["train.checkpoint_every=-1"], "train.checkpoint_every must be > 0"),
+    "keep-every-negative": T(["train.keep_every=-1"], "train.keep_every must be >= 0"),
     "threads-fraction": T(["train.threads=1.5"], "train.threads must be an integer"),
     "progress-maybe": T(["train.progress=maybe"], "train.progress must be true or false"),
     "tensorboard-int": T(["train.tensorboard=2"], "train.tensorboard must be true or false"),
@@ -712,10 +718,18 @@ def test_resume_accepts_settings_that_do_not_change_the_math(tmp_path, capsys, r
     live = tmp_path / "live"
     shutil.copytree(runs / "live", live)
     (live / "checkpoint.pt").unlink()  # killed during its first epoch
-    argv = ["train", "--resume", str(live), "--set", "train.log_every=3", "--set", "data.eval_batch_size=7"]
+    argv = [
+        "train",
+        "--resume",
+        str(live),
+        *sets(["train.log_every=3", "data.eval_batch_size=7", "train.keep_every=1"]),
+    ]
     assert main(argv) == 0
     cfg = load_config(live / "config.yaml")
     assert cfg.train.log_every == 3 and cfg.data.eval_batch_size == 7  # recorded, and in effect
+    assert cfg.train.keep_every == 1 and (live / "checkpoints" / "epoch_0001.pt").is_file()
+    steps = [p[0] for p in json.loads((live / "history.json").read_text())[0]["step_loss"]]
+    assert steps == [3, 6, 7]  # 7 steps an epoch: every 3rd and the last
 
 
 def test_tensorboard_keeps_the_checkpoint_step_after_resume(tmp_path, monkeypatch):

@@ -150,8 +150,20 @@ def _read_metrics(run: str) -> dict[str, Any]:
     return metrics
 
 
+def _numbers(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _step_points(v: object) -> bool:
+    """``step_loss``: a list of ``[step, lr, [loss per exit]]``."""
+    return isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 3 and _numbers(p[:2]) and _numbers(p[2]) for p in v
+    )
+
+
 def _read_history(p: Path) -> None:
-    """Check that history.json is a list of per-epoch records (epoch, train_loss and, if any, val_acc per exit)."""
+    """Check that history.json is a list of per-epoch records (epoch, train_loss and, if any, val_acc per exit
+    and step_loss)."""
     try:
         h = json.loads(p.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -159,15 +171,13 @@ def _read_history(p: Path) -> None:
     ok = isinstance(h, list) and all(
         isinstance(r, dict)
         and isinstance(r.get("epoch"), int)
-        and all(
-            isinstance(r.get(k), list) and all(isinstance(v, (int, float)) for v in r[k])
-            for k in ("train_loss", "val_acc")
-            if k == "train_loss" or k in r
-        )
+        and _numbers(r.get("train_loss"))
+        and ("val_acc" not in r or _numbers(r["val_acc"]))
+        and ("step_loss" not in r or (_step_points(r["step_loss"]) and isinstance(r.get("step"), int)))
         for r in h
     )
     if not ok:
-        raise ConfigError(f"{p} is malformed: expected a list of records with epoch, train_loss and val_acc")
+        raise ConfigError(f"{p} is malformed: expected a list of records with epoch, train_loss, val_acc and step_loss")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

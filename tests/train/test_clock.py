@@ -1,4 +1,4 @@
-"""Per-epoch time: the clock's arithmetic, the per-epoch line and history.json's seconds and images/s."""
+"""Per-epoch time: the clock's arithmetic, the per-epoch line and history.json's seconds, CPU seconds and images/s."""
 
 from __future__ import annotations
 
@@ -35,12 +35,14 @@ def test_format_duration(seconds, text):
 
 
 def test_clock_seconds_rate_and_time_left(monkeypatch):
-    now = [100.0]
+    now, cpu = [100.0], [7.0]
     monkeypatch.setattr(clock_mod.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(clock_mod.time, "process_time", lambda: cpu[0])
     c = EpochClock(epochs=5, images_per_epoch=1000)
     c.start()
-    now[0] += 2.0  # training
-    assert c.trained() == {"seconds": 2.0, "images_per_s": 500.0}
+    now[0] += 2.0  # training, on two busy threads
+    cpu[0] += 4.0
+    assert c.trained() == {"seconds": 2.0, "images_per_s": 500.0, "cpu_seconds": 4.0}
     now[0] += 1.0  # validation and checkpoint: part of the time left, not of images/s
     assert c.left(0) == pytest.approx(3.0 * 4)
     c.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from anytrain.registry import ConfigError
 
@@ -67,22 +68,7 @@ def plot_run(run_dir: str | Path, metrics: dict | None = None) -> list[Path]:
         h = _read(hpath)
         assert isinstance(h, list)
         if h:
-            ep = [r["epoch"] for r in h]
-            K = len(h[0]["train_loss"])
-            fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-            for k in range(K):
-                a1.plot(ep, [r["train_loss"][k] for r in h], label=f"exit {k}")
-                if all("val_acc" in r for r in h):
-                    a2.plot(ep, [r["val_acc"][k] for r in h], label=f"exit {k}")
-            a1.set_xlabel("epoch")
-            a1.set_ylabel("train loss")
-            a1.set_yscale("log")
-            a2.set_xlabel("epoch")
-            a2.set_ylabel("validation accuracy")
-            for a in (a1, a2):
-                a.grid(alpha=0.3)
-                a.legend(fontsize=7)
-            save(fig, "training_curves.png")
+            save(training_curves(h), "training_curves.png")
             extra = sorted({k for r in h for k in r if "/" in k})
             if extra:
                 fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -101,3 +87,41 @@ def plot_run(run_dir: str | Path, metrics: dict | None = None) -> list[Path]:
                 tmp.replace(run / "sparsity_path.png")
                 written.append(run / "sparsity_path.png")
     return written
+
+
+def training_curves(history: list[dict[str, Any]]) -> Any:
+    """The figure of ``training_curves.png`` (a matplotlib ``Figure``): each exit's training loss (left) and
+    validation accuracy (right). When every record has ``step_loss`` (the trainer's log points), both are drawn
+    against the optimisation step: the loss at every log point, the validation accuracy at each epoch's end
+    (markers), so a one-epoch run has a curve too. Histories without it (runs written before it existed,
+    ``anytrain dgl-parallel``) are drawn per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    K = len(history[0]["train_loss"])
+    per_step = all("step_loss" in r for r in history)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5), sharex=True)  # accuracy at the loss curve's steps
+    if per_step:
+        points = [p for r in history for p in r["step_loss"]]
+        x, where, unit = [p[0] for p in points], [r["step"] for r in history], "step"
+        for k in range(K):
+            a1.plot(x, [p[2][k] for p in points], "-" if len(x) > 1 else "o", label=f"exit {k}")
+    else:
+        x = where = [r["epoch"] for r in history]
+        unit = "epoch"
+        for k in range(K):
+            a1.plot(x, [r["train_loss"][k] for r in history], "o-", label=f"exit {k}")
+    if all("val_acc" in r for r in history):
+        for k in range(K):
+            a2.plot(where, [r["val_acc"][k] for r in history], "o-", label=f"exit {k}")
+    a1.set_ylabel("train loss" + (" (at each log step)" if per_step else " (epoch mean)"))
+    a1.set_yscale("log")
+    a2.set_ylabel("validation accuracy" + (" (at each epoch's end)" if per_step else ""))
+    for a in (a1, a2):
+        a.set_xlabel(unit)
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=7)
+    return fig

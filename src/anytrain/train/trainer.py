@@ -9,8 +9,11 @@ Run directory layout::
                      but for backprop, ``joint`` with ``last_only``: its last exit; early stopping)
     exit_scores.pt   per-exit top softmax probability and correctness on validation and test (final model),
                      for budgeted evaluation (``anytrain eval DIR --budget B``)
-    history.json     per-epoch metrics (training loss, validation accuracy, seconds, CPU seconds, images/s), rewritten
-                     each epoch
+    history.json     one record per epoch, rewritten each epoch: ``epoch``, ``step`` (steps done at its end),
+                     ``train_loss`` (per exit, mean over the epoch), ``lr``, ``val_acc`` (per exit), ``seconds``,
+                     ``cpu_seconds``, ``images_per_s``, optimizer/rule series (``opt/...``, ``rule/...``) and
+                     ``step_loss``: ``[step, lr, [loss per exit]]`` at each of the epoch's log points (every
+                     ``train.log_every`` steps and its last step; the values TensorBoard's ``train/loss_exit*`` get)
     tb/events.*      TensorBoard scalars
     *.png            plots
     metrics.json     written last, when the run finishes (contract: rule, optimizer, dataset, epochs, exits)
@@ -255,6 +258,7 @@ class Trainer:
         self.start_epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self._step_loss: list[list[Any]] = []  # the current epoch's log points: its record's ``step_loss``
         self.best_score = -1.0
         self.net.flops_breakdown(self.data.input_shape)  # a dry run: a net that cannot take the input fails here
         # precision, micro-batches, compile, channels-last: checked here, before anything is written
@@ -423,6 +427,7 @@ class Trainer:
                 self.loader.set_epoch(epoch)
                 self.clock.start()
                 loss_sum = torch.zeros(K, device=self.device)
+                self._step_loss = []
                 bad_step = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first bad (loss, grad)
                 bar = tqdm(
                     self.loader,
@@ -442,10 +447,12 @@ class Trainer:
                     if (i + 1) % log_every == 0 or i + 1 == self.steps_per_epoch:
                         self._check_finite(bad_step, losses, epoch)
                         lv = losses.tolist()
-                        bar.set_postfix(loss=f"{lv[-1]:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        self._step_loss.append([self.step, lr, lv])
+                        bar.set_postfix(loss=f"{lv[-1]:.3f}", lr=f"{lr:.3g}")
                         for k, v in enumerate(lv):
                             self._log(f"train/loss_exit{k}", v, self.step)
-                        self._log("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+                        self._log("train/lr", lr, self.step)
                         for name, v in stats.items():
                             if isinstance(v, Tensor) and v.numel() == 1:
                                 self._log(f"rule/{name}", float(v), self.step)
@@ -498,6 +505,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             **self._timing,
             **self._extra_metrics(),
+            "step_loss": self._step_loss,
         }
         acc: list[float] = []
         if self.has_val:  # model selection sees the validation split only; test waits for finish()
