@@ -29,7 +29,8 @@ Protocol, the same for every study:
 Studies:
 
 - ``osgd`` (Wan et al.): OSGD vs joint, SDN weighting and gradient equilibrium on the width-nested net,
-  ``cnn2d-exits`` and MSDNet (``NETS``: the same architectures at 0.9–3 M MACs per sample).
+  ``cnn2d-exits`` and MSDNet (``NETS``: the same architectures, narrower: 2.2–3.1 M MACs per sample at the last
+  exit).
 - ``dgl`` (Belilovsky et al.): DGL (K = 4 modules, the released ``mlp-sr`` heads) vs end-to-end backprop vs SGL
   on the same trunk.
 - ``curvature`` (Huh): curvature-corrected α = ½ vs α = 1 vs SGD vs Adam on ``cnn2d-exits``; validation accuracy
