@@ -149,6 +149,20 @@ def arms() -> list[Arm]:
 STUDY_ORDER = ["curvature", "dgl", "slbi", "osgd"]  # cheapest first, so whole verdicts land early
 
 
+def run_key(arm: Arm, seed: int, lr: float) -> str:
+    """A run's directory under the root, also its record's ``run_dir``."""
+    return f"{arm.key}/lr{lr:g}/seed{seed}"
+
+
+def chosen_lr(records: dict[str, dict[str, Any]], arm: Arm) -> float | None:
+    """The arm's learning rate: the grid value whose seed-0 run has the highest ``val_score`` (ties: the smaller
+    value); None until every grid value's seed-0 run is in ``records`` (keyed by ``run_dir``)."""
+    runs = [records.get(run_key(arm, 0, lr)) for lr in GRIDS[arm.grid]]
+    if any(r is None for r in runs):
+        return None
+    return max(runs, key=lambda r: (r["val_score"], -r["lr"]))["lr"]  # type: ignore[index]
+
+
 # ---- jobs ------------------------------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -178,14 +192,11 @@ class Suite:
 
     # -- learning rates: chosen on seed 0's final validation accuracy, once per arm --
     def chosen_lr(self, arm: Arm) -> float | None:
-        runs = [self.records.get(self.run_key(arm, 0, lr)) for lr in GRIDS[arm.grid]]
-        if any(r is None for r in runs):
-            return None
-        return max(runs, key=lambda r: (r["val_score"], -r["lr"]))["lr"]  # type: ignore[index]
+        return chosen_lr(self.records, arm)
 
     @staticmethod
     def run_key(arm: Arm, seed: int, lr: float) -> str:
-        return f"{arm.key}/lr{lr:g}/seed{seed}"
+        return run_key(arm, seed, lr)
 
     def jobs(self) -> list[Job]:
         """Every job that can be named now (seeds 1 and 2 of an arm once its learning rate is chosen), once."""

@@ -23,7 +23,9 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
-def _table(metrics: dict[str, Any]) -> str:
+def run_table(metrics: dict[str, Any]) -> str:
+    """The per-exit table ``train`` and ``eval`` print for a run's ``metrics.json`` (also quoted in the README by
+    ``benchmarks/report.py``, which checks the README against a fresh run)."""
     lines = [
         f"{metrics.get('model', '?')} · rule {metrics['rule']} · optimizer {metrics['optimizer']} · "
         f"{metrics['dataset']} · {metrics['epochs']} epochs",
@@ -107,7 +109,7 @@ def _train_run(cfg: RunConfig, out: Path, args: argparse.Namespace, ctx: Any) ->
     except KeyboardInterrupt:
         return _fail(f"interrupted ({trainer.progress_note()}); {trainer.checkpoint_note()}", 130)
     if ctx.is_main:
-        print(_table(metrics))
+        print(run_table(metrics))
         print(f"run directory: {out}" + (f" ({ctx.world_size} data-parallel ranks)" if ctx.enabled else ""))
     return 0
 
@@ -183,7 +185,7 @@ def _read_history(p: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     metrics = _read_metrics(args.run)
     try:
-        print(_table(metrics))
+        print(run_table(metrics))
     except (KeyError, TypeError, ValueError) as e:
         return _fail(f"{Path(args.run) / 'metrics.json'} is malformed: {type(e).__name__}: {_first_line(e)}")
     if args.deadline is not None:
