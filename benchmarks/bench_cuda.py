@@ -16,7 +16,8 @@ Three parts, in this order, each within its share of ``--budget`` seconds:
     python benchmarks/bench_cuda.py                      # writes runs/benchmarks/cuda/{cuda.md,cuda.json,...}
 
 Without a CUDA device it says so in one line and exits with status 0 (nothing is written): CI never depends on
-it.
+it. The four papers' claims trained on CIFAR-10 at the papers' sizes are a separate script, run in pieces that
+resume: ``benchmarks/claims_cifar.py``.
 """
 
 from __future__ import annotations

@@ -47,6 +47,9 @@ Every run is an ordinary ``anytrain`` run directory under ``--root`` (default ``
 its config and log beside it. A killed benchmark resumes: the runs recorded in ``--results`` are not run again (so
 the suite continues on another machine from the committed file), unfinished ones resume with
 ``anytrain train --resume``, and ``--results`` is rewritten (atomically) each time a run finishes.
+
+The same studies on CIFAR-10 at the papers' sizes, on a GPU in 10-minute pieces: ``benchmarks/claims_cifar.py``
+(it imports this module's arms, records and verdicts).
 """
 
 from __future__ import annotations
@@ -152,6 +155,14 @@ def arms() -> list[Arm]:
 
 
 STUDY_ORDER = ["curvature", "dgl", "slbi", "osgd"]  # cheapest first, so whole verdicts land early
+# The nets each verdict compares on: osgd's nets, dgl's and curvature's net, and slbi's dense arm (study, arm,
+# net). claims_cifar.py passes its own.
+VERDICT_NETS: dict[str, Any] = {
+    "osgd": list(NETS),
+    "dgl": "cnn2d-exits",
+    "curvature": "cnn2d-exits",
+    "slbi": ("curvature", "sgd", "cnn2d-exits"),
+}
 
 
 def run_key(arm: Arm, seed: int, lr: float) -> str:
@@ -369,25 +380,32 @@ def record(job: Job, run_dir: Path) -> dict[str, Any]:
 
 # ---- SLBI parts (each in its own process: `claims.py --part stop|ticket-<kind>`) -------------------------
 def _accuracy(net: Any, x: Any, y: Any) -> list[float]:
-    """Per-exit accuracy in eval mode, in chunks."""
+    """Per-exit accuracy in eval mode, in chunks; on a copy on the GPU when there is one (``net`` stays put)."""
     import torch
 
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.eval()
+    if dev.type != "cpu":
+        net = copy.deepcopy(net).to(dev)
     right = None
     with torch.no_grad():
         for i in range(0, len(y), 1000):
-            hits = torch.stack([(z.argmax(1) == y[i : i + 1000]).sum() for z in net(x[i : i + 1000])])
+            xb, yb = x[i : i + 1000].to(dev), y[i : i + 1000].to(dev)
+            hits = torch.stack([(z.argmax(1) == yb).sum() for z in net(xb)])
             right = hits if right is None else right + hits
     return (right.double() / len(y)).tolist()
 
 
 def _built(run_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """A run's config and freshly built components (the net at its initial weights: the trainer's seeding)."""
+    """A run's config and freshly built components (the net at its initial weights: the trainer's seeding), on
+    the CPU whatever the run's device (a ticket's Trainer moves it to the run's device)."""
+    import torch
+
     from anytrain.config import load_config
     from anytrain.train.trainer import build_components
 
     cfg = load_config(run_dir / "config.yaml")
-    return cfg, build_components(cfg)
+    return cfg, build_components(cfg, torch.device("cpu"))
 
 
 def part_stop(root: Path, dense_dir: Path, path_dir: Path, out: Path) -> None:
@@ -543,14 +561,19 @@ def val_auc_steps(r: dict[str, Any]) -> float:
     return statistics.fmean(statistics.fmean(v) for v in r["val_history"])
 
 
-def verdict(study: str, runs: list[dict[str, Any]], suite: Suite | None = None) -> dict[str, Any]:
+def verdict(
+    study: str, runs: list[dict[str, Any]], suite: Suite | None = None, nets: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The verdict record of one study from its run records; ``nets``: which nets it compares on
+    (``VERDICT_NETS`` by default)."""
+    nets = nets or VERDICT_NETS
     unconverged = sorted(r["run_dir"] for r in runs if r["study"] == study and r.get("converged") is False)
     parts: dict[str, dict[str, Any]] = {}
     if study == "osgd":
         claim = "OSGD gives anytime nets higher test accuracy, averaged over the exits, than joint training"
         a_all: dict[int, float] = {}
         b_all: dict[int, float] = {}
-        for i, net in enumerate(NETS):
+        for i, net in enumerate(nets["osgd"]):
             a = per_seed(runs, "osgd", "osgd", net, mean_exit)
             for other in ("joint", "sdn", "gradient-equilibrium"):
                 b = per_seed(runs, "osgd", other, net, mean_exit)
@@ -565,22 +588,20 @@ def verdict(study: str, runs: list[dict[str, Any]], suite: Suite | None = None) 
             )
         primary = paired(a_all, b_all, "better")  # (net, seed) pairs pooled: nets as blocks
         parts = {"osgd vs joint, all nets pooled, mean exit": primary, **parts}
-        outcome = primary["outcome"] if len(a_all) == 3 * len(NETS) else "inconclusive"
+        outcome = primary["outcome"] if len(a_all) == 3 * len(nets["osgd"]) else "inconclusive"
     elif study == "dgl":
         claim = "DGL (K = 4) matches end-to-end backprop at the last exit, within 1 point"
         last = lambda r: r["test_acc"][-1]  # noqa: E731
-        a = per_seed(runs, "dgl", "dgl", "cnn2d-exits", last)
-        parts["dgl vs backprop, last exit"] = paired(
-            a, per_seed(runs, "dgl", "backprop", "cnn2d-exits", last), "matches"
-        )
-        parts["dgl vs sgl, last exit"] = paired(a, per_seed(runs, "dgl", "sgl", "cnn2d-exits", last), "matches")
+        a = per_seed(runs, "dgl", "dgl", nets["dgl"], last)
+        parts["dgl vs backprop, last exit"] = paired(a, per_seed(runs, "dgl", "backprop", nets["dgl"], last), "matches")
+        parts["dgl vs sgl, last exit"] = paired(a, per_seed(runs, "dgl", "sgl", nets["dgl"], last), "matches")
         outcome = parts["dgl vs backprop, last exit"]["outcome"]
     elif study == "curvature":
         claim = (
             "curvature correction with α = ½ trains faster than α = 1 and than SGD: a larger area under "
             "validation accuracy vs steps"
         )
-        net = "cnn2d-exits"
+        net = nets["curvature"]
         a = per_seed(runs, "curvature", "alpha=0.5", net, val_auc_steps)
         for other in ("alpha=1", "sgd", "adam"):
             parts[f"alpha=0.5 vs {other}, area under val acc vs steps"] = paired(
@@ -604,7 +625,7 @@ def verdict(study: str, runs: list[dict[str, Any]], suite: Suite | None = None) 
             "dense net within 1 point at the last exit, and beats magnitude- and random-pruned nets of its size"
         )
         last = lambda r: r["test_acc"][-1]  # noqa: E731
-        dense = per_seed(runs, "curvature", "sgd", "cnn2d-exits", last)
+        dense = per_seed(runs, *nets["slbi"], last)
         tick = {
             k: {r["seed"]: last(r) for r in runs if r["arm"] == f"ticket-{k}"} for k in ("slbi", "magnitude", "random")
         }
