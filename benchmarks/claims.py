@@ -331,17 +331,9 @@ def converged(val_history: list[list[float]], exits: list[int]) -> bool:
 
 
 def record(job: Job, run_dir: Path) -> dict[str, Any]:
+    head = {"record": "run", "study": job.study, "arm": job.arm, "net": job.net, "seed": job.seed, "lr": job.lr}
     if job.part == "stop":
-        return {
-            "record": "run",
-            "study": job.study,
-            "arm": job.arm,
-            "net": job.net,
-            "seed": job.seed,
-            "lr": job.lr,
-            "run_dir": job.key,
-            **json.loads((run_dir / "stop.json").read_text()),
-        }
+        return {**head, "run_dir": job.key, **json.loads((run_dir / "stop.json").read_text())}
     m = json.loads((run_dir / "metrics.json").read_text())
     h = json.loads((run_dir / "history.json").read_text())
     val = [e["val_acc"] for e in h]
@@ -349,16 +341,11 @@ def record(job: Job, run_dir: Path) -> dict[str, Any]:
     last_only = bool(job.cfg and job.cfg["rule"].get("last_only"))
     trained = [k - 1] if last_only else list(range(k))  # the exits the rule trains
     return {
-        "record": "run",
-        "study": job.study,
-        "arm": job.arm,
-        "net": job.net,
-        "seed": job.seed,
+        **head,
         "train_size": m["split_sizes"]["train"],
         "val_size": m["split_sizes"]["val"],
         "epochs": m["epochs"],
         "steps": m["steps"],
-        "lr": job.lr,
         "lr_grid": job.grid,
         "test_acc": [e["test"] for e in m["exits"]],
         "test_acc_selected": [e["test"] for e in m["selected"]["exits"]],

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_modules import load
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bt = _load("bench_throughput")
-bc = _load("bench_cuda")
+bt = load("bench_throughput")
+bc = load("bench_cuda")
 
 TINY = ["data.name=synthetic", "data.batch_size=16", "model.name=cnn1d-exits", "model.width=4", "model.exits=2"]
 
@@ -170,7 +159,7 @@ def test_sync_check_runs_real_steps_and_reports_a_synchronising_one(monkeypatch)
 
 
 def test_profile_step_round_robin_times_every_rule():
-    ps = _load("profile_step")
+    ps = load("profile_step")
     rules = {"joint": ["rule.name=joint"], "osgd": ["rule.name=osgd"], "osgd amortize=4": ["rule.amortize=4"]}
     t = ps.interleaved([*TINY, "rule.name=osgd"], rules, reps=4)
     assert set(t) == set(rules) and all(v > 0 for v in t.values())

@@ -3,29 +3,15 @@ order, and the verdicts on synthetic records (no training here; the suite itself
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_modules import load
 
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-claims = _load("claims")
+claims = load("claims")
 T90_DF2 = 1.885618  # Student's t, 0.90 quantile, 2 degrees of freedom (printed tables)
 
 

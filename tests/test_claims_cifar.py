@@ -4,7 +4,6 @@ generated CIFAR-10 folder that stop at their deadline and resume."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -17,23 +16,14 @@ import pytest
 import torch
 import yaml
 
+from benchmark_modules import load
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-claims = _load("claims")
-cc = _load("claims_cifar")
+claims = load("claims")
+cc = load("claims_cifar")
 
 
 def fake_cifar10(root: Path, per_batch: int = 40, test: int = 40) -> Path:

@@ -3,30 +3,19 @@ results list written here (complete and partial), the figures. No training."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmark_modules import load
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rep = _load("report")
-claims = _load("claims")
+rep = load("report")
+claims = load("claims")
 
 ACC = [0.9340, 0.9770, 0.9830, 0.9830]
 FLOPS = [10640, 30880, 109760, 421120]
