@@ -316,7 +316,7 @@ class Suite:
 
     def write(self) -> None:
         runs = sorted(self.records.values(), key=lambda r: (STUDY_ORDER.index(r["study"]), r["run_dir"]))
-        out = runs + [verdict(s, runs, self) for s in STUDY_ORDER]
+        out = runs + [verdict(s, runs) for s in STUDY_ORDER]
         self.results.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.results.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1) + "\n")
@@ -548,9 +548,7 @@ def val_auc_steps(r: dict[str, Any]) -> float:
     return statistics.fmean(statistics.fmean(v) for v in r["val_history"])
 
 
-def verdict(
-    study: str, runs: list[dict[str, Any]], suite: Suite | None = None, nets: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def verdict(study: str, runs: list[dict[str, Any]], nets: dict[str, Any] | None = None) -> dict[str, Any]:
     """The verdict record of one study from its run records; ``nets``: which nets it compares on
     (``VERDICT_NETS`` by default)."""
     nets = nets or VERDICT_NETS
