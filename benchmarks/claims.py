@@ -38,10 +38,13 @@ Studies:
 - ``curvature`` (Huh): curvature-corrected α = ½ vs α = 1 vs SGD vs Adam on ``cnn2d-exits``; validation accuracy
   per epoch against steps and against the run's CPU seconds (one thread per process, so CPU seconds are the time
   on a quiet core, which wall time on a shared machine is not).
-- ``slbi`` (Fu et al.): the SLBI path on ``cnn2d-exits`` (a snapshot every epoch; learning rate = the dense SGD
-  arm's), the stopping point on validation (``anytrain.sparsity.stopping_point``: where W* first removes ≥ 50 %
-  of prunable channels), the exported W*, and three retrained tickets of that size (SLBI's support, magnitude
-  and random, rewound to the initial weights) vs the dense net (the curvature study's SGD runs).
+- ``slbi`` (Fu et al.): the SLBI path on ``cnn2d-exits`` (a snapshot every ``PATH_EVERY`` steps, 11 per epoch;
+  learning rate = the dense SGD arm's), the stopping point on validation (``anytrain.sparsity.stopping_point``:
+  the densest snapshot whose W* still removes ≥ 50 % of prunable channels), the exported W*, and three
+  retrained tickets of that size (SLBI's support, magnitude and random, rewound to the initial weights) vs the
+  dense net (the curvature study's SGD runs). (The first SLBI study, on 2026-12-05, kept one snapshot per
+  epoch: the path went from 65–68 % of channels removed after epoch 1, where W* is at chance, to 2–5 % after
+  epoch 2, so every stopping point was epoch 1's; snapshots within the epoch resolve that stretch.)
 
 Every run is an ordinary ``anytrain`` run directory under ``--root`` (default ``runs/benchmarks/claims/runs``), with
 its config and log beside it. A killed benchmark resumes: the runs recorded in ``--results`` are not run again (so
@@ -77,6 +80,7 @@ EPOCHS = 12
 MARGIN = 0.01  # "matches": within 1 point
 CONVERGED = 0.003  # max − min of validation accuracy over the last 20 % of epochs
 TARGET_REMOVED = 0.5  # SLBI: fraction of prunable channels removed at the stopping point
+PATH_EVERY = 39  # steps between the SLBI path's snapshots: 11 per epoch (429 steps of 128 of 55,000 images)
 ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 ANYTRAIN = [
     sys.executable,
@@ -245,7 +249,7 @@ class Suite:
             cfg = dense.config(lr, seed)
             cfg["optimizer"] = {"name": "slbi", "lr": lr, "kappa": 1.0, "mu": 100.0}
             cfg["optimizer"] |= {"momentum": 0.9, "weight_decay": 5e-4}
-            cfg["train"]["keep_every"] = 1  # a path point per epoch
+            cfg["train"]["keep_every_steps"] = SMOKE.get("path_every", PATH_EVERY)  # the path's points
             path = f"slbi/slbi-path-cnn2d-exits/lr{lr:g}/seed{seed}"
             out.append(Job(path, "slbi", "slbi-path", dense.net, seed, lr, cfg))
             stop = f"slbi/stop-cnn2d-exits/seed{seed}"
@@ -396,7 +400,7 @@ def _built(run_dir: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def part_stop(root: Path, dense_dir: Path, path_dir: Path, out: Path) -> None:
-    """The SLBI path's points (W* = P_supp(Γ)(W) at every epoch: prunable channels removed, validation
+    """The SLBI path's points (W* = P_supp(Γ)(W) at every snapshot: prunable channels removed, validation
     accuracy), the stopping point on validation, and W* there exported to a physically smaller net."""
     import torch
 
@@ -414,22 +418,26 @@ def part_stop(root: Path, dense_dir: Path, path_dir: Path, out: Path) -> None:
     _, c = _built(path_dir)
     net, opt, data = c["net"], c["optimizer"], c["data"]
     x1 = data.x_val[:1]
+    per_epoch = json.loads((path_dir / "history.json").read_text())[0]["step"]
     points = []
-    for ck in sorted((path_dir / "checkpoints").glob("epoch_*.pt")):
+    for ck in (path_dir / "checkpoints").glob("*.pt"):  # step_*.pt (claims.py), epoch_*.pt (claims_cifar.py)
         state = load_checkpoint(ck)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         star = opt.projected_model(net).eval()
         points.append(
             {
-                "epoch": state["epoch"] + 1,
+                "file": ck.name,
+                "step": state["step"],
+                "epoch": state["step"] / per_epoch,
                 "removed": zero_channel_plan(star, x1).fraction(),
                 "wstar_val_acc": _accuracy(star, data.x_val, data.y_val)[-1],
                 "support": opt.epoch_metrics()["support/all"],
             }
         )
+    points.sort(key=lambda p: p["step"])
     stop = stopping_point(points, TARGET_REMOVED)
-    state = load_checkpoint(path_dir / "checkpoints" / f"epoch_{stop['epoch']:04d}.pt")
+    state = load_checkpoint(path_dir / "checkpoints" / stop["file"])
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     star = opt.projected_model(net).eval()
@@ -481,7 +489,7 @@ def part_ticket(root: Path, kind: str, seed: int, stop_dir: Path, out: Path, cfg
     x1 = c["data"].x_val[:1]
     net, opt = c["net"], c["optimizer"]
     init = copy.deepcopy(net)  # the initial weights: the path run and the dense run share the seed's initialisation
-    state = load_checkpoint(path_dir / "checkpoints" / f"epoch_{rec['stop']['epoch']:04d}.pt")
+    state = load_checkpoint(path_dir / "checkpoints" / rec["stop"]["file"])
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     plan = zero_channel_plan(opt.projected_model(net).eval(), x1)
@@ -643,7 +651,7 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
-        SMOKE.update(epochs=2, data={"num_samples": 3000})
+        SMOKE.update(epochs=2, data={"num_samples": 3000}, path_every=4)
     if args.part == "stop":
         part_stop(args.root, args.root / args.deps[0], args.root / args.deps[1], args.root / args.out)
         return

@@ -65,7 +65,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -311,8 +310,6 @@ class Suite:
             print(f"{time.strftime('%H:%M:%S')} {job.key}: ok", flush=True)
             return "done"
         if stopped:
-            if job.cfg is not None and job.cfg["train"].get("keep_every") and not job.part:
-                repair_snapshot(run_dir, job.cfg["train"]["keep_every"])
             return "interrupted"
         print(f"{time.strftime('%H:%M:%S')} {job.key}: FAILED (exit {rc}, see {log})", flush=True)
         return "failed"
@@ -326,9 +323,8 @@ class Suite:
         self.write()
         if job.part == "stop":  # the tickets need the stopping point's snapshot only
             stop = json.loads((run_dir / "stop.json").read_text())
-            keep = f"epoch_{stop['stop']['epoch']:04d}.pt"
-            for ck in (self.root / stop["path_run"] / "checkpoints").glob("epoch_*.pt"):
-                if ck.name != keep:
+            for ck in (self.root / stop["path_run"] / "checkpoints").glob("*.pt"):
+                if ck.name != stop["stop"]["file"]:
                     ck.unlink()
 
     def write(self) -> None:
@@ -449,22 +445,6 @@ def wait_until(p: subprocess.Popen[bytes], stop_at: float, grace: float) -> tupl
     except subprocess.TimeoutExpired:
         p.kill()
         return p.wait(), True
-
-
-def repair_snapshot(run_dir: Path, every: int) -> None:
-    """An interrupt between a checkpoint and its epoch's snapshot leaves the snapshot unwritten (the resumed run
-    goes on from the next epoch): write it from the checkpoint, which holds the same state."""
-    from anytrain.train.checkpoint import load_checkpoint
-
-    ck = run_dir / "checkpoint.pt"
-    if not ck.exists():
-        return
-    epoch = int(load_checkpoint(ck)["epoch"]) + 1
-    snap = run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt"
-    if epoch % every == 0 and not snap.exists():
-        snap.parent.mkdir(exist_ok=True)
-        shutil.copyfile(ck, snap.with_suffix(".tmp"))
-        os.replace(snap.with_suffix(".tmp"), snap)
 
 
 def _sigterm(signum: int, frame: Any) -> None:

@@ -95,7 +95,7 @@ def test_learning_rate_is_chosen_on_seed_0_validation_then_seeds_1_2_follow(tmp_
     stop = jobs["slbi/stop-cnn2d-exits/seed1"]
     assert stop.deps == [suite.run_key(sgd, 1, 0.1), "slbi/slbi-path-cnn2d-exits/lr0.1/seed1"]
     path = jobs["slbi/slbi-path-cnn2d-exits/lr0.1/seed1"]
-    assert path.cfg["optimizer"]["name"] == "slbi" and path.cfg["train"]["keep_every"] == 1
+    assert path.cfg["optimizer"]["name"] == "slbi" and path.cfg["train"]["keep_every_steps"] == claims.PATH_EVERY
 
 
 def test_ties_in_the_grid_go_to_the_smaller_learning_rate(tmp_path: Path) -> None:

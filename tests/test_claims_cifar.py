@@ -217,5 +217,5 @@ def test_the_slbi_study_runs_its_path_stopping_point_and_tickets_on_cifar_shaped
     stop = runs["stop"]
     assert [p["epoch"] for p in stop["path"]] == [1, 2] and stop["stop"]["epoch"] in (1, 2)
     snaps = sorted(p.name for p in (tmp_path / "runs" / stop["path_run"] / "checkpoints").glob("*.pt"))
-    assert snaps == [f"epoch_{stop['stop']['epoch']:04d}.pt"]  # the others are deleted once the stop is recorded
+    assert snaps == [stop["stop"]["file"]]  # the others are deleted once the stop is recorded
     assert all(len(runs[f"ticket-{k}"]["test_acc"]) == 4 for k in ("slbi", "magnitude", "random"))

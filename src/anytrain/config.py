@@ -191,6 +191,7 @@ class TrainConfig(Section):
     log_every: int = _checked(int, 0, lo_in=False, default=20)
     checkpoint_every: int = _checked(int, 0, lo_in=False, default=1)
     keep_every: int = _checked(int, 0, default=0)  # > 0: also keep every N-th epoch's checkpoint in checkpoints/
+    keep_every_steps: int = _checked(int, 0, default=0)  # > 0: also keep a snapshot every N steps in checkpoints/
     threads: int = _checked(int, 0, default=0)  # 0: torch's default
     progress: bool = _checked(bool, default=True)
     tensorboard: bool = _checked(bool, default=True)
@@ -390,6 +391,7 @@ RESUME_SETTINGS = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_every",
+    "train.keep_every_steps",
     "train.compile",  # speed only: the same arithmetic up to float rounding
     "train.channels_last",
     "data.eval_batch_size",

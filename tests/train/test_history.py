@@ -1,5 +1,5 @@
 """What a run records beside its weights: the per-step training loss in ``history.json`` (``step_loss``), the CPU
-seconds of each epoch, and the epoch checkpoints ``train.keep_every`` keeps."""
+seconds of each epoch, and the snapshots ``train.keep_every`` (epochs) and ``train.keep_every_steps`` keep."""
 
 from __future__ import annotations
 
@@ -153,3 +153,56 @@ def test_keep_every_may_change_on_resume(tmp_path):
     ref = full.net.state_dict()
     for k, v in resumed.net.state_dict().items():
         assert torch.equal(v, ref[k]), k
+
+
+def test_a_kill_between_snapshot_and_checkpoint_loses_no_snapshot(tmp_path, monkeypatch):
+    import anytrain.train.trainer as trainer_module
+
+    config = cfg("train.epochs=3", "train.keep_every=1")
+    save = trainer_module.save_checkpoint
+
+    def killed_at_epoch_2(path, state):
+        if path.name == "checkpoint.pt" and state["epoch"] == 1:
+            raise Stop  # the snapshot of epoch 2 is written, its checkpoint is not
+        save(path, state)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", killed_at_epoch_2)
+    with pytest.raises(Stop):
+        Trainer(config, tmp_path / "part").fit()
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    resumed = Trainer(config, tmp_path / "part", resume=True)
+    assert resumed.start_epoch == 1  # epoch 2 again
+    resumed.fit()
+    assert kept(tmp_path / "part") == ["epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt"]
+    full = Trainer(config, tmp_path / "full")
+    full.fit()
+    for name in kept(tmp_path / "full"):
+        a, b = (load_checkpoint(d / "checkpoints" / name)["model"] for d in (tmp_path / "part", tmp_path / "full"))
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+
+
+# ---- train.keep_every_steps ------------------------------------------------------------------------------------
+def test_keep_every_steps_keeps_the_state_after_those_steps(tmp_path):
+    """Snapshots at steps 3, 6, ..., 15 of a 2-epoch run (8 steps per epoch) hold the weights and optimizer
+    state a hand-driven loop over the same batches has after that many steps."""
+    config = cfg("train.epochs=2", "train.keep_every_steps=3", "optimizer.momentum=0.9")
+    Trainer(config, tmp_path / "run").fit()
+    assert kept(tmp_path / "run") == [f"step_{s:07d}.pt" for s in (3, 6, 9, 12, 15)]
+    ref = Trainer(config, tmp_path / "ref")  # never fitted: stepped by hand below
+    for epoch in range(2):
+        ref.rule.on_epoch_start(epoch, 2)
+        ref.net.train()
+        ref.loader.set_epoch(epoch)
+        for x, y in ref.loader:
+            ref.train_step(x, y)
+            if ref.step % 3:
+                continue
+            ck = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{ref.step:07d}.pt")
+            assert ck["step"] == ref.step and ck["epoch"] == epoch
+            for k, v in ref.net.state_dict().items():
+                assert torch.equal(ck["model"][k], v), (ref.step, k)
+            mom = [s["momentum_buffer"] for s in ref.optimizer.state_dict()["state"].values()]
+            assert mom and len(mom) == len(ck["optimizer"]["state"])
+            for a, b in zip(mom, (s["momentum_buffer"] for s in ck["optimizer"]["state"].values())):
+                assert torch.equal(a, b), ref.step
+    assert ref.step == 16

@@ -4,7 +4,9 @@ Run directory layout::
 
     config.yaml      fully resolved config; its first line marks the directory as an anytrain run
     checkpoint.pt    last completed epoch (model, optimizer, scheduler, rule, RNG, history), atomic
-    checkpoints/     epoch_NNNN.pt: the same, kept for every ``train.keep_every``-th epoch (off by default)
+    checkpoints/     epoch_NNNN.pt: the same, kept for every ``train.keep_every``-th epoch (off by default);
+                     step_NNNNNNN.pt: weights, optimizer and rule state after every ``train.keep_every_steps``-th
+                     step (off by default; a point to go back to, not to resume from)
     best.pt          weights only, at the best mean *validation* accuracy of the exits the rule trains (all
                      but for backprop, ``joint`` with ``last_only``: its last exit; early stopping)
     exit_scores.pt   per-exit top softmax probability and correctness on validation and test (final model),
@@ -417,7 +419,7 @@ class Trainer:
 
         t = self.cfg.train
         main = self.dist.is_main
-        log_every = t.log_every
+        log_every, keep_steps = t.log_every, t.keep_every_steps
         K = self.net.num_exits
         started = time.perf_counter()
         try:
@@ -444,6 +446,8 @@ class Trainer:
                     if self._grads_ok is not None:
                         finite = torch.stack([finite, self._grads_ok])
                     bad_step = torch.where((bad_step < 0) & ~finite, self.step - 1, bad_step)
+                    if keep_steps and self.step % keep_steps == 0 and main:
+                        self._keep_step(epoch)
                     if (i + 1) % log_every == 0 or i + 1 == self.steps_per_epoch:
                         self._check_finite(bad_step, losses, epoch)
                         lv = losses.tolist()
@@ -482,6 +486,20 @@ class Trainer:
         bad = [k for k, v in enumerate(losses.tolist()) if not math.isfinite(v)]
         where = f"exit {bad[0]}" if bad else "an exit"
         raise TrainingDiverged(f"non-finite loss at step {loss_step} (epoch {epoch + 1}) on {where}; {keep}")
+
+    def _keep_step(self, epoch: int) -> None:
+        """A snapshot inside an epoch (``train.keep_every_steps``): the weights and the optimizer's and rule's
+        state after this step, to go back to (a point of an SLBI path); not a point to resume from."""
+        state = {
+            "epoch": epoch,  # the epoch this step belongs to (0-based, not yet complete)
+            "step": self.step,
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rule": self.rule.state_dict(),
+            "config": dump_config(self.cfg),
+        }
+        (self.out / "checkpoints").mkdir(exist_ok=True)
+        save_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}.pt", state)
 
     def _extra_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -522,6 +540,11 @@ class Trainer:
             self.best_score = score
             state = {"epoch": epoch, "model": self.net.state_dict(), "score": self.best_score}
             save_checkpoint(self.out / "best.pt", state)
+        keep = self.cfg.train.keep_every
+        if keep and (epoch + 1) % keep == 0:  # a snapshot to go back to (an SLBI path point, say)
+            # Before the checkpoint: a run killed between the two redoes this epoch and writes it again.
+            (self.out / "checkpoints").mkdir(exist_ok=True)
+            save_checkpoint(self.out / "checkpoints" / f"epoch_{epoch + 1:04d}.pt", self._payload(epoch))
         every = self.cfg.train.checkpoint_every
         if (epoch + 1) % every == 0 or epoch + 1 == self.epochs:
             if self.writer is not None:
@@ -529,10 +552,6 @@ class Trainer:
             save_checkpoint(self.checkpoint_path, self._payload(epoch))
             if self._staging:
                 self._swap_in()
-        keep = self.cfg.train.keep_every
-        if keep and (epoch + 1) % keep == 0:  # a snapshot to go back to (an SLBI path point, say)
-            (self.out / "checkpoints").mkdir(exist_ok=True)
-            save_checkpoint(self.out / "checkpoints" / f"epoch_{epoch + 1:04d}.pt", self._payload(epoch))
         atomic_write_json(self.out / "history.json", self.history)
         from tqdm.auto import tqdm
 
