@@ -524,9 +524,10 @@ def slbi_table(records: list[dict[str, Any]], rows: list[ArmRow]) -> list[str]:
     last = {r.name: {x["seed"]: x["test_acc"][-1] for x in r.runs} for r in rows}
     dense = last.get("sgd", {})
     out = [
-        "| seed | stopping epoch | conv filters removed | params dense → exported | MACs dense → exported "
-        "| latency ms (batch 256) | ticket test acc, last exit, %: SLBI / magnitude / random | dense, % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | stopping point: epoch (step) | W* val acc there, % | conv filters removed "
+        "| params dense → exported | MACs dense → exported | latency ms (batch 256) "
+        "| ticket test acc, last exit, %: SLBI / magnitude / random | dense, % |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def acc(arm: str, seed: int) -> str:
@@ -534,11 +535,12 @@ def slbi_table(records: list[dict[str, Any]], rows: list[ArmRow]) -> list[str]:
         return "–" if v is None else f"{100 * v:.1f}"
 
     for s in stops:
-        seed = s["seed"]
+        seed, stop = s["seed"], s["stop"]
         p, m, lat = s["params"], s["macs"], s["latency_s_bs256"]
         tickets = " / ".join(acc(f"ticket-{k}", seed) for k in ("slbi", "magnitude", "random"))
         out.append(
-            f"| {seed} | {s['stop']['epoch']} | {100 * s['conv_filters_removed']:.1f} % | {p[0]:,} → {p[1]:,} "
+            f"| {seed} | {stop['epoch']:.2f} ({stop['step']}) | {100 * stop['wstar_val_acc']:.1f} "
+            f"| {100 * s['conv_filters_removed']:.1f} % | {p[0]:,} → {p[1]:,} "
             f"| {m[0]:,} → {m[1]:,} | {1000 * lat[0]:.1f} → {1000 * lat[1]:.1f} | {tickets} "
             f"| {acc('sgd', seed) if seed in dense else '–'} |"
         )
@@ -668,7 +670,7 @@ def draw_figures(records: list[dict[str, Any]], folder: Path, stamp: str) -> dic
     fig.suptitle(f"{PAPER['dgl']}: K = 4, mean ± std over seeds (points: seeds)\n{stamp}", fontsize=9)
     out["dgl"] = _save(fig, folder / FIGURES["dgl"])
 
-    # Fu et al.: tickets vs the dense net; the path's removed channels per epoch
+    # Fu et al.: tickets vs the dense net; the path's removed channels against its epochs
     srows = study_rows(rows, "slbi")
     fig, (a_bar, a_path) = plt.subplots(1, 2, figsize=(10, 3.6))
     pairs = [("dense", r.last()) for r in srows if r.name == "sgd"]
@@ -681,7 +683,9 @@ def draw_figures(records: list[dict[str, Any]], folder: Path, stamp: str) -> dic
         (line,) = a_path.plot(ep, [100 * p["removed"] for p in s["path"]], marker=".", label=f"seed {s['seed']}")
         a_path.plot([s["stop"]["epoch"]], [100 * s["stop"]["removed"]], "o", ms=9, mfc="none", color=line.get_color())
     a_path.axhline(100 * claims.TARGET_REMOVED, ls=":", color="grey")
-    a_path.set(xlabel="epoch of the SLBI path", ylabel="prunable channels removed from W*, %")
+    a_path.set(xlabel="epoch of the SLBI path (log scale)", ylabel="prunable channels removed from W*, %")
+    if stops:
+        a_path.set_xscale("log")  # the path fills within a few epochs: spread them out
     _legend(a_path, bool(stops))
     fig.suptitle(
         f"{PAPER['slbi']}: retrained tickets vs the dense net; the path (circles: stopping points)\n{stamp}", y=1.02

@@ -252,6 +252,31 @@ def test_partial_results_render_and_say_what_is_missing(tmp_path: Path) -> None:
     assert rep.readme_results(None, "r.json", {}, "R.md", "d", "m").count("pending") == 1
 
 
+def test_the_slbi_table_and_figure_show_the_stopping_point_within_an_epoch(tmp_path: Path) -> None:
+    path = [
+        {"file": f"step_{s:07d}.pt", "step": s, "epoch": s / 10, "removed": r, "wstar_val_acc": v, "support": 1 - r}
+        for s, r, v in ((5, 0.9, 0.1), (10, 0.62, 0.41), (15, 0.3, 0.7), (20, 0.0, 0.8))
+    ]
+    stop = {
+        "record": "run",
+        "study": "slbi",
+        "arm": "stop",
+        "net": "cnn2d-exits",
+        "seed": 0,
+        "lr": 0.2,
+        "run_dir": "slbi/stop-cnn2d-exits/seed0",
+        **{"path": path, "stop": path[1], "conv_filters_removed": 0.6, "channels_removed": 0.62},
+        **{"params": [100, 40], "macs": [2000, 900], "latency_s_bs256": [0.02, 0.015]},
+    }
+    recs = [stop, run_record("slbi", "ticket-slbi", "cnn2d-exits", 0, 0.2, [0.8, 0.9])]
+    recs += [run_record("curvature", "sgd", "cnn2d-exits", 0, lr, [0.8, 0.92]) for lr in (0.05, 0.1, 0.2)]
+    section = rep.results_section(recs, "r.json", {}, "2026-01-01", "box")
+    row = next(line for line in section.splitlines() if line.startswith("| 0 | 1.00 (10) |"))
+    assert "| 41.0 | 60.0 % | 100 → 40 | 2,000 → 900 | 20.0 → 15.0 | 90.0 / – / – | 92.0 |" in row
+    figs = rep.draw_figures(recs, tmp_path, "test")
+    assert figs["slbi"].stat().st_size > 1000
+
+
 def test_headline_comparisons_are_ones_the_verdicts_compute() -> None:
     for study in rep.STUDIES:
         names = set(claims.verdict(study, [])["compared"])
