@@ -328,10 +328,15 @@ class Suite:
 
 
 # ---- records ---------------------------------------------------------------------------------------------
+def tail_move(val_history: list[list[float]], exits: list[int]) -> float:
+    """The largest move (max − min) of validation accuracy over the last 20 % of the epochs, over ``exits``."""
+    tail = val_history[-max(2, math.ceil(0.2 * len(val_history))) :]
+    return max(max(v[k] for v in tail) - min(v[k] for v in tail) for k in exits)
+
+
 def converged(val_history: list[list[float]], exits: list[int]) -> bool:
     """Each of ``exits`` moves by less than CONVERGED (max − min) over the last 20 % of the epochs."""
-    tail = val_history[-max(2, math.ceil(0.2 * len(val_history))) :]
-    return all(max(v[k] for v in tail) - min(v[k] for v in tail) < CONVERGED for k in exits)
+    return tail_move(val_history, exits) < CONVERGED
 
 
 def record(job: Job, run_dir: Path) -> dict[str, Any]:

@@ -440,9 +440,9 @@ def _seconds(r: dict[str, Any]) -> tuple[float | None, float | None]:
 
 def arm_table(rows: list[ArmRow]) -> list[str]:
     out = [
-        "| arm | net | lr (grid) | seeds | test accuracy per exit, % (mean ± std) | AUC | converged | epochs "
-        "| wall s | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | net | lr (grid) | seeds | test accuracy per exit, % (mean ± std) | AUC | converged "
+        "| largest move, last 20 %, points | epochs | wall s | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lr = "–" if r.lr is None else f"{r.lr:g}"
@@ -450,6 +450,7 @@ def arm_table(rows: list[ArmRow]) -> list[str]:
         accs = " / ".join(pct(v) for v in r.per_exit()) or "–"
         aucs = [x["auc"] for x in r.runs if x.get("auc") is not None]
         conv = [x["converged"] for x in r.runs if "converged" in x]
+        moves = [claims.tail_move(x["val_history"], x["trained_exits"]) for x in r.runs if "converged" in x]
         wall = [s for s, _ in map(_seconds, r.runs) if s is not None]
         cpu = [c for _, c in map(_seconds, r.runs) if c is not None]
         epochs = sorted({x["epochs"] for x in r.runs if "epochs" in x})
@@ -462,6 +463,7 @@ def arm_table(rows: list[ArmRow]) -> list[str]:
             accs,
             f"{statistics.fmean(aucs):.4f}" if aucs else "–",
             f"{sum(conv)} of {len(conv)}" if conv else "–",
+            f"{100 * max(moves):.2f}" if moves else "–",
             "/".join(map(str, epochs)) or "–",
             f"{statistics.fmean(wall):.0f}" if wall else "–",
             f"{statistics.fmean(cpu):.0f}" if cpu else "–",

@@ -314,3 +314,21 @@ def test_the_committed_readme_has_the_generated_blocks_and_ci_checks_them() -> N
     assert (
         "benchmarks/report.py --check-default-run runs/default --readme README.md" in (root / ".ci" / "run").read_text()
     )
+
+
+def test_the_arm_table_shows_the_largest_move_over_the_last_fifth_of_the_epochs() -> None:
+    # 10 epochs: the last 20 % is epochs 8 and 9; exit 1 of seed 2 moves 0.7 points there, nothing else moves more
+    # (the 5-point move of seed 1 at epoch 7 lies before the tail and must not count)
+    recs = dgl_results()
+    runs = [r for r in recs if r.get("arm") == "dgl" and r.get("lr") == 0.1]
+    for r in runs:
+        r["epochs"] = 10
+        r["val_history"] = [[0.8, 0.8, 0.8, 0.8] for _ in range(10)]
+    runs[1]["val_history"][7][0] = 0.85
+    runs[2]["val_history"][8][1] = 0.807
+    runs[0]["val_history"][9][3] = 0.802
+    md = rep.results_section(recs, "results.json", {}, "2026-01-01", "box")
+    head = next(line for line in md.splitlines() if line.startswith("| arm | net |"))
+    col = [c.strip() for c in head.split("|")].index("largest move, last 20 %, points")
+    dgl_row = next(line for line in md.splitlines() if line.startswith("| dgl |"))
+    assert [c.strip() for c in dgl_row.split("|")][col] == "0.70"
